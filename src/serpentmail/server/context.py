@@ -1,0 +1,179 @@
+"""Shared runtime state of a running server: config, accounts, committer, TLS, limits.
+
+One :class:`ServerContext` is built by ``serve`` and handed to every listener. It is also the
+injection point for tests (clock, outbound queue) so no monkeypatching is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..accounts.db import AccountDB, User, verify_password
+from ..config import Config
+from ..log import log_event
+from ..proto.address import Address
+from ..storage.maildir import CommitJob, Committer, SpoolFile, ensure_maildir, maildir_for
+
+log = logging.getLogger("serpentmail.server")
+
+
+class OutboundQueue(Protocol):
+    """Where messages for recipients that are not delivered right away go (the queue issue)."""
+
+    async def enqueue(self, spool: SpoolFile, sender: str, recipients: list[str]) -> str:
+        """Make ``spool`` a durable queue item; return its id only once it is on disk."""
+        ...
+
+
+class AuthThrottle:
+    """Counts failed logins per client IP and per account; past the threshold the source is
+    refused for a cool-down. Shared by submission and POP3."""
+
+    def __init__(self, max_failures: int, window: float, cooldown: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_failures = max_failures
+        self.window = window
+        self.cooldown = cooldown
+        self.clock = clock
+        self._failures: dict[str, deque[float]] = defaultdict(deque)
+        self._blocked_until: dict[str, float] = {}
+
+    def _key_blocked(self, key: str, now: float) -> bool:
+        until = self._blocked_until.get(key)
+        if until is None:
+            return False
+        if now >= until:
+            del self._blocked_until[key]
+            self._failures.pop(key, None)
+            return False
+        return True
+
+    def blocked(self, ip: str, account: str | None = None) -> bool:
+        now = self.clock()
+        return self._key_blocked("ip:" + ip, now) or (account is not None and self._key_blocked("acct:" + account.lower(), now))
+
+    def record_failure(self, ip: str, account: str | None) -> None:
+        now = self.clock()
+        keys = ["ip:" + ip] + (["acct:" + account.lower()] if account else [])
+        for key in keys:
+            q = self._failures[key]
+            q.append(now)
+            while q and q[0] < now - self.window:
+                q.popleft()
+            if len(q) >= self.max_failures:
+                self._blocked_until[key] = now + self.cooldown
+        if len(self._failures) > 100_000:  # bound memory under a distributed attack
+            self._failures.clear()
+
+    def record_success(self, ip: str, account: str) -> None:
+        self._failures.pop("acct:" + account.lower(), None)
+
+
+@dataclass
+class ServerContext:
+    config: Config
+    accounts: AccountDB
+    committer: Committer
+    tls: ssl.SSLContext | None
+    outbound: OutboundQueue | None = None
+    clock: Callable[[], float] = time.time
+    connections: int = 0
+    per_ip: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    throttle: AuthThrottle | None = None
+    on_local_delivery: Callable[[list[Path]], None] | None = None
+    sessions: set[Any] = field(default_factory=set)
+    sent_per_user: dict[int, list[float]] = field(default_factory=dict)
+    _known_maildirs: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        lim = self.config.limits
+        if self.throttle is None:
+            self.throttle = AuthThrottle(lim.auth_max_failures, lim.auth_failure_window, lim.auth_cooldown)
+        (self.config.data_dir / "tmp").mkdir(parents=True, exist_ok=True)
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.config.data_dir / "tmp"
+
+    def maildir(self, user_id: int) -> Path:
+        path = maildir_for(self.config.data_dir, user_id)
+        if user_id not in self._known_maildirs:
+            ensure_maildir(path)
+            self._known_maildirs.add(user_id)
+        return path
+
+    def postmaster_maildir(self) -> Path:
+        """Fallback mailbox for postmaster when no user or alias takes it (RFC 5321 §4.5.1)."""
+        path = self.config.data_dir / "mail" / "postmaster"
+        ensure_maildir(path)
+        return path
+
+    def admit(self, ip: str) -> bool:
+        lim = self.config.limits
+        if self.connections >= lim.max_connections or self.per_ip[ip] >= lim.max_connections_per_ip:
+            return False
+        self.connections += 1
+        self.per_ip[ip] += 1
+        return True
+
+    def release(self, ip: str) -> None:
+        self.connections -= 1
+        n = self.per_ip[ip] - 1
+        if n <= 0:
+            self.per_ip.pop(ip, None)
+        else:
+            self.per_ip[ip] = n
+
+    async def commit(self, job_spool: SpoolFile, links: list[Path], *, keep_spool: bool = False) -> None:
+        """Run the durable recipe for ``job_spool`` in the committer; raise on failure."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def done(err: BaseException | None) -> None:
+            loop.call_soon_threadsafe(_settle, fut, err)
+
+        self.committer.submit(CommitJob(job_spool, links, done, keep_spool=keep_spool))
+        await fut
+
+    async def check_password(self, username: str, password: str, ip: str, service: str) -> User | None:
+        """Verify a login off the event loop, with the failure delay and throttle applied."""
+        throttle = self.throttle
+        assert throttle is not None
+        user, stored = self.accounts.password_hash(username) if _plausible_login(username) else (None, None)
+        ok = await asyncio.get_running_loop().run_in_executor(None, verify_password, stored, password)
+        if ok and user is not None:
+            throttle.record_success(ip, username)
+            log_event(log, "auth ok", service=service, user=user.address, client=ip)
+            return user
+        throttle.record_failure(ip, username)
+        # fail2ban-friendly: fixed words, the client address in a fixed field.
+        log_event(log, "auth failed", logging.WARNING, service=service, user=username[:64], client=ip)
+        await asyncio.sleep(self.config.limits.auth_failure_delay)
+        return None
+
+    def resolve(self, address: Address) -> tuple[bool, list[User], list[str]]:
+        """(is_local_domain, local users, remote targets) for a recipient address."""
+        res = self.accounts.resolve(address)
+        return res.local, list(res.users), list(res.remote)
+
+
+def _plausible_login(name: str) -> bool:
+    return 0 < len(name) <= 320 and "@" in name and not any(c in name for c in "/\x00") and ".." not in name \
+        and all(c >= " " and c != "\x7f" for c in name)
+
+
+def _settle(fut: asyncio.Future[None], err: BaseException | None) -> None:
+    if fut.done():
+        return
+    if err is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(err)

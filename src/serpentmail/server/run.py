@@ -1,0 +1,160 @@
+"""Start and stop a whole serpentmail server: listeners, committer, queue, signals.
+
+``Server`` is used by ``serpentmail serve`` and, in-process, by the integration tests and the
+sandbox. Start-up order: data directories, accounts, leftover temp files cleaned, TLS, listeners
+bound (then privileges dropped when configured), queue scheduler started. Shutdown (SIGTERM):
+stop accepting, let transactions in flight finish (bounded), close idle sessions with 421.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from ..accounts.db import AccountDB
+from ..config import Config, Endpoint
+from ..log import log_event
+from ..proto import replies as R
+from ..storage.maildir import Committer, clean_tmp
+from .context import ServerContext
+from .smtp import start_smtp_listeners
+from .tls import server_context
+
+log = logging.getLogger("serpentmail.server")
+
+# Optional components registered by other modules (POP3, queue) so this module stays small.
+# Each hook gets the context and returns (listeners, a coroutine-function to stop it).
+ListenerHook = Callable[["Server"], Awaitable[list[asyncio.base_events.Server]]]
+EXTRA_LISTENERS: dict[str, ListenerHook] = {}
+StartHook = Callable[["Server"], Awaitable[Callable[[], Awaitable[None]] | None]]
+START_HOOKS: list[StartHook] = []
+
+
+class StartupError(RuntimeError):
+    """A clear, user-facing reason the server cannot start (port taken, bad cert...)."""
+
+
+@dataclass
+class Server:
+    config: Config
+    ctx: ServerContext | None = None
+    listeners: dict[str, list[asyncio.base_events.Server]] = field(default_factory=dict)
+    bound: list[tuple[str, Endpoint]] = field(default_factory=list)
+    _stoppers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    async def start(self) -> None:
+        cfg = self.config
+        for sub in ("tmp", "mail", "queue"):
+            (cfg.data_dir / sub).mkdir(parents=True, exist_ok=True)
+        clean_tmp(cfg.data_dir / "tmp")
+        accounts = AccountDB(cfg.db_path)
+        for domain in cfg.default_domains:
+            accounts.ensure_domain(domain)
+        try:
+            tls = server_context(cfg)
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"cannot load TLS certificate: {exc}") from exc
+        self.ctx = ServerContext(cfg, accounts, Committer(), tls)
+        try:
+            for kind in ("smtp", "submission", "submissions"):
+                eps = getattr(cfg, kind).listen
+                if eps:
+                    self.listeners[kind] = await start_smtp_listeners(self.ctx, kind, [(e.host, e.port) for e in eps])  # type: ignore[arg-type]
+                    self.bound.extend((kind, e) for e in eps)
+            for name, hook in EXTRA_LISTENERS.items():
+                servers = await hook(self)
+                if servers:
+                    self.listeners[name] = servers
+        except OSError as exc:
+            await self.stop()
+            raise StartupError(f"cannot listen: {exc.strerror or exc}") from exc
+        if cfg.user and os.geteuid() == 0:
+            _drop_privileges(cfg.user, cfg)
+        for start_hook in START_HOOKS:
+            stopper = await start_hook(self)
+            if stopper is not None:
+                self._stoppers.append(stopper)
+        log_event(log, "started", hostname=cfg.hostname, data_dir=str(cfg.data_dir),
+                  listeners=" ".join(f"{k}={e}" for k, e in self.bound))
+
+    async def stop(self, grace: float = 30.0) -> None:
+        for servers in self.listeners.values():
+            for srv in servers:
+                srv.close()
+        ctx = self.ctx
+        if ctx is not None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + grace
+            # Idle sessions are told we are going away; busy ones finish their transaction.
+            while ctx.sessions and loop.time() < deadline:
+                for s in list(ctx.sessions):
+                    if getattr(s, "idle", True):
+                        s.shutdown(R.SERVICE_SHUTTING_DOWN)
+                if not ctx.sessions:
+                    break
+                await asyncio.sleep(0.05)
+        for stopper in reversed(self._stoppers):
+            try:
+                await stopper()
+            except Exception:
+                log.exception("error while stopping a component")
+        for servers in self.listeners.values():
+            for srv in servers:
+                try:
+                    await asyncio.wait_for(srv.wait_closed(), 1)
+                except (TimeoutError, Exception):
+                    pass
+        if ctx is not None:
+            await asyncio.get_running_loop().run_in_executor(None, ctx.committer.close)
+        log_event(log, "stopped")
+
+    async def run_until_signal(self, on_ready: Callable[[Server], None] | None = None) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):
+                pass
+        if on_ready is not None:
+            on_ready(self)
+        await stop.wait()
+        log_event(log, "shutdown requested")
+        await self.stop()
+
+
+def _drop_privileges(username: str, cfg: Config) -> None:
+    import pwd
+
+    try:
+        pw = pwd.getpwnam(username)
+    except KeyError as exc:
+        raise StartupError(f"config key 'user': no such system user {username!r}") from exc
+    for root, dirs, files in os.walk(cfg.data_dir):
+        for name in dirs + files:
+            try:
+                os.chown(os.path.join(root, name), pw.pw_uid, pw.pw_gid)
+            except OSError:
+                pass
+    os.chown(cfg.data_dir, pw.pw_uid, pw.pw_gid)
+    os.setgroups([])
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+    log_event(log, "dropped privileges", user=username)
+
+
+def install_event_loop_policy() -> None:
+    """uvloop where it installs (Linux), plain asyncio otherwise."""
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+
+

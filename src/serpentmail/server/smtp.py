@@ -1,0 +1,509 @@
+"""The asyncio adapter for the SMTP engine: MX (25) and submission (587 STARTTLS, 465 TLS).
+
+This layer owns the socket, TLS, timeouts and connection limits, and makes the policy
+decisions the engine asks for (who may send, which recipients are local, when a message is
+safely stored). Its only outputs are committed Maildir files or committed queue items: nothing
+gets a 250 before it is on stable storage (see ``storage/maildir.py``).
+
+Errors have two audiences: a peer gets a generic 451 4.3.0, the log gets the detail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
+
+from ..accounts.db import User
+from ..log import log_event
+from ..proto import replies as R
+from ..proto.address import Address
+from ..proto.replies import Reply
+from ..proto.smtp_server import (
+    NEED_DATA,
+    AuthAttempt,
+    CloseConnection,
+    DataChunk,
+    DataStart,
+    Helo,
+    MailFrom,
+    MessageComplete,
+    RcptTo,
+    SessionOptions,
+    SMTPServerConnection,
+    StartTLS,
+    TransactionReset,
+)
+from ..storage.maildir import SpoolFile, final_name
+from .context import ServerContext
+
+log = logging.getLogger("serpentmail.smtp")
+
+Kind = Literal["smtp", "submission", "submissions"]
+_MAX_BUFFERED = 4 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class _Transaction:
+    sender: Address | None = None
+    users: dict[int, User] = field(default_factory=dict)
+    remote: list[str] = field(default_factory=list)
+    postmaster_fallback: bool = False
+    rcpts: list[str] = field(default_factory=list)
+    spool: SpoolFile | None = None
+    trace_len: int = 0
+    queued: bool = False
+    write_error: OSError | None = None
+
+
+class SMTPSession(asyncio.Protocol):
+    """One SMTP connection."""
+
+    def __init__(self, ctx: ServerContext, kind: Kind) -> None:
+        self.ctx = ctx
+        self.kind = kind
+        self.transport: asyncio.Transport | None = None
+        self.ip = "?"
+        self.engine: SMTPServerConnection | None = None
+        self.txn = _Transaction()
+        self.user: User | None = None
+        self._busy = False
+        self._closing = False
+        self._admitted = False
+        self._last_activity = time.monotonic()
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # --- asyncio callbacks ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; they implement it.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.ip = str(peer[0]) if peer else "?"
+        if not self.ctx.admit(self.ip):
+            limit_reply = R.TOO_MANY_CONNECTIONS if self.ctx.connections >= self.ctx.config.limits.max_connections else R.TOO_MANY_CONNECTIONS_IP
+            transport.write(limit_reply.to_bytes())
+            log_event(log, "connection refused", logging.WARNING, client=self.ip, reason=limit_reply.text)
+            transport.close()
+            return
+        self._admitted = True
+        self.ctx.sessions.add(self)
+        cfg = self.ctx.config
+        submission = self.kind != "smtp"
+        self.engine = SMTPServerConnection(
+            SessionOptions(
+                hostname=cfg.hostname,
+                tls_available=self.ctx.tls is not None and self.kind != "submissions",
+                tls_active=self.kind == "submissions",
+                auth_enabled=submission,
+                auth_requires_tls=True,
+                mail_requires_auth=submission,
+            ),
+            cfg.limits.session_limits(),
+        )
+        transport.write(self.engine.greeting())
+        self._arm_timer()
+
+    def data_received(self, data: bytes) -> None:
+        engine = self.engine
+        if engine is None or self._closing:
+            return
+        self._last_activity = time.monotonic()
+        engine.receive_data(data)
+        if engine.buffered > _MAX_BUFFERED and self.transport is not None:
+            self.transport.pause_reading()
+        if not self._busy:
+            self._pump()
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._task is not None and not self._task.done() and not self._committing:
+            self._task.cancel()
+        if not self._committing:
+            self._discard()
+        if self._admitted:
+            self._admitted = False
+            self.ctx.release(self.ip)
+            self.ctx.sessions.discard(self)
+
+    _committing = False
+
+    # --- engine pump ---------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        if self.engine is not None and self.transport is not None and not self.transport.is_closing():
+            out = self.engine.data_to_send()
+            if out:
+                self.transport.write(out)
+
+    def _pump(self) -> None:
+        engine = self.engine
+        assert engine is not None
+        try:
+            while not self._busy and not self._closing:
+                ev = engine.next_event()
+                if ev is NEED_DATA:
+                    break
+                self._handle(ev)
+        except Exception:  # a bug: never leak detail to the peer, keep the server running
+            log.exception("internal error in SMTP session client=%s", self.ip)
+            if engine.awaiting_decision:
+                engine.respond(R.LOCAL_ERROR)
+            self._discard()
+        self._flush()
+        if not self._busy and self.transport is not None and engine.buffered < _MAX_BUFFERED:
+            self.transport.resume_reading()
+
+    def _handle(self, ev: object) -> None:
+        engine = self.engine
+        assert engine is not None
+        match ev:
+            case Helo():
+                pass
+            case MailFrom():
+                engine.respond(self._on_mail(ev))
+            case RcptTo():
+                engine.respond(self._on_rcpt(ev))
+            case DataStart():
+                self._on_data_start()
+            case DataChunk():
+                self._on_chunk(ev.data)
+            case MessageComplete():
+                self._start_task(self._on_message(ev))
+            case TransactionReset():
+                self._discard()
+            case StartTLS():
+                # No plaintext may be read after STARTTLS (RFC 3207 §4.2, CVE-2011-0411).
+                assert self.transport is not None
+                self.transport.pause_reading()
+                self._start_task(self._on_starttls())
+            case AuthAttempt():
+                self._start_task(self._on_auth(ev))
+            case CloseConnection():
+                self._flush()
+                self._close()
+
+    def _start_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._busy = True
+        self._task = asyncio.ensure_future(coro)
+        self._task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._busy = False
+        if task.cancelled() or self._closing:
+            return
+        exc = task.exception()
+        engine = self.engine
+        assert engine is not None
+        if exc is not None:
+            log.error("internal error in SMTP session client=%s: %r", self.ip, exc, exc_info=exc)
+            if engine.awaiting_decision:
+                engine.respond(R.LOCAL_ERROR)
+            self._discard()
+        self._pump()
+
+    def _close(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # --- idle timeout --------------------------------------------------------------------
+
+    def _arm_timer(self, delay: float | None = None) -> None:
+        timeout = self.ctx.config.limits.idle_timeout
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(timeout if delay is None else delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        if self._closing:
+            return
+        idle = time.monotonic() - self._last_activity
+        timeout = self.ctx.config.limits.idle_timeout
+        if idle < timeout or self._busy:
+            self._arm_timer(max(0.05, timeout - idle))
+            return
+        log_event(log, "idle timeout", client=self.ip)
+        self.shutdown(R.IDLE_TIMEOUT)
+
+    def shutdown(self, reply: Reply) -> None:
+        """Close with ``reply`` (idle timeout, server shutdown)."""
+        if self.engine is not None and not self._closing:
+            self.engine.close(reply)
+            self._flush()
+        self._discard()
+        self._close()
+
+    @property
+    def idle(self) -> bool:
+        return not self._busy and (self.engine is None or not self.engine.in_transaction)
+
+    # --- policy --------------------------------------------------------------------------
+
+    def _on_mail(self, ev: MailFrom) -> Reply:
+        self.txn = _Transaction(sender=ev.address)
+        if self.kind == "smtp":
+            return R.SENDER_OK
+        # RFC 6409 §6.1: the submission server may check the sender is the user's own.
+        user = self.user
+        assert user is not None  # the engine requires AUTH before MAIL here
+        if ev.address.is_null:
+            return R.NULL_SENDER_REFUSED
+        if ev.address.key not in self.ctx.accounts.addresses_of(user):
+            log_event(log, "sender refused", logging.WARNING, user=user.address, sender=str(ev.address), client=self.ip)
+            return R.SENDER_NOT_OWNED
+        limit = self.ctx.config.limits.submission_max_messages_per_hour
+        now = time.monotonic()
+        counts = self.ctx.sent_per_user.setdefault(user.id, [])
+        counts[:] = [t for t in counts if now - t < 3600]
+        if limit and len(counts) >= limit:
+            return R.RATE_LIMITED.with_text(f"You have sent {len(counts)} messages in the last hour; the limit is {limit}")
+        return R.SENDER_OK
+
+    def _on_rcpt(self, ev: RcptTo) -> Reply:
+        addr = ev.address
+        txn = self.txn
+        is_postmaster = addr.local.lower() == "postmaster"
+        if not addr.domain:  # bare <postmaster> (RFC 5321 §4.1.1.3)
+            users = self._postmaster_users()
+            if users is None:
+                txn.postmaster_fallback = True
+            else:
+                txn.users.update((u.id, u) for u in users)
+            txn.rcpts.append("postmaster")
+            return R.RECIPIENT_OK
+        try:
+            local, users, remote = self.ctx.resolve(addr)
+        except Exception:
+            log.exception("account lookup failed for %s", addr)
+            return R.TEMP_LOOKUP_FAILURE
+        if self.kind != "smtp" and self.user is not None:
+            limit = self.ctx.config.limits.submission_max_recipients
+            if limit and len(txn.rcpts) >= limit:
+                return R.RECIPIENT_RATE_LIMITED.with_text(f"At most {limit} recipients per message")
+        if not local:
+            if self.user is None:
+                log_event(log, "relay denied", logging.WARNING, sender=str(txn.sender), rcpt=str(addr), client=self.ip)
+                return R.RELAY_DENIED.with_text(f"<{addr}>: Relay access denied")
+            remote = [str(addr)]
+        elif not users and not remote:
+            if is_postmaster:  # RFC 5321 §4.5.1: postmaster of every local domain works
+                txn.postmaster_fallback = True
+                txn.rcpts.append(str(addr))
+                return R.RECIPIENT_OK
+            log_event(log, "unknown user", sender=str(txn.sender), rcpt=str(addr), client=self.ip)
+            return R.UNKNOWN_USER.with_text(f"<{addr}>: Recipient address rejected: user unknown")
+        if remote and self.ctx.outbound is None:
+            return R.LOCAL_ERROR.with_text("Cannot queue mail for this recipient right now")
+        txn.users.update((u.id, u) for u in users)
+        txn.remote.extend(r for r in remote if r not in txn.remote)
+        txn.rcpts.append(str(addr))
+        return R.RECIPIENT_OK
+
+    def _postmaster_users(self) -> list[User] | None:
+        for domain in [self.ctx.config.hostname, *self.ctx.accounts.list_domains()]:
+            try:
+                _local, users, _ = self.ctx.resolve(Address("postmaster", domain))
+            except Exception:
+                return None
+            if users:
+                return users
+        return None
+
+    # --- message content -----------------------------------------------------------------
+
+    def _trace_headers(self, queued: bool) -> bytes:
+        engine = self.engine
+        assert engine is not None
+        txn = self.txn
+        cfg = self.ctx.config
+        # RFC 3848 / RFC 6531 §3.7.3: the "with" protocol names.
+        proto = ("UTF8SMTP" if engine.smtputf8 else "ESMTP") if engine.extended else "SMTP"
+        if engine.tls_active:
+            proto += "S"
+        if self.user is not None:
+            proto += "A"
+        if proto == "SMTPS":
+            proto = "ESMTPS"
+        qid = txn.spool.path.name if txn.spool else "?"
+        helo = (engine.helo or "unknown").replace("\r", "").replace("\n", "")[:255]
+        ip_literal = f"IPv6:{self.ip}" if ":" in self.ip else self.ip
+        for_clause = f"\r\n\tfor <{txn.rcpts[0]}>" if len(txn.rcpts) == 1 else ""
+        date = email.utils.format_datetime(email.utils.localtime())
+        # RFC 5321 §4.4: Received: from <helo> (<tcp-info>) by <host> with <proto> id <id> for <rcpt>; <date>
+        received = (
+            f"Received: from {helo} ([{ip_literal}])\r\n\tby {cfg.hostname} (serpentmail) with {proto} id {qid}"
+            f"{for_clause};\r\n\t{date}\r\n"
+        )
+        head = "" if queued else f"Return-Path: <{txn.sender or ''}>\r\n"
+        return (head + received).encode("utf-8", "replace")
+
+    def _on_data_start(self) -> None:
+        txn = self.txn
+        txn.queued = bool(txn.remote)
+        try:
+            txn.spool = SpoolFile(self.ctx.tmp_dir)
+            trace = self._trace_headers(txn.queued)
+            txn.trace_len = len(trace)
+            txn.spool.write(trace)
+        except OSError as exc:
+            txn.write_error = exc
+
+    def _on_chunk(self, data: bytes) -> None:
+        txn = self.txn
+        if txn.spool is None or txn.write_error is not None:
+            return
+        try:
+            txn.spool.write(data)
+        except OSError as exc:
+            txn.write_error = exc
+
+    def _discard(self) -> None:
+        spool = self.txn.spool
+        self.txn.spool = None
+        if spool is not None:
+            spool.discard()
+
+    async def _on_message(self, ev: MessageComplete) -> None:
+        engine = self.engine
+        assert engine is not None
+        txn = self.txn
+        spool = txn.spool
+        if spool is None or txn.write_error is not None:
+            log.error("spool write failed client=%s: %s", self.ip, txn.write_error)
+            self._discard()
+            engine.respond(R.INSUFFICIENT_STORAGE if txn.write_error and txn.write_error.errno == 28 else R.LOCAL_ERROR)
+            return
+        if self.kind != "smtp":
+            await self._add_submission_headers(ev)
+            spool = txn.spool
+            assert spool is not None
+        sender = str(txn.sender or "")
+        self._committing = True
+        try:
+            if txn.queued:
+                recipients = [u.address for u in txn.users.values()] + list(txn.remote)
+                if txn.postmaster_fallback:
+                    recipients.append("postmaster@" + self.ctx.config.hostname)
+                assert self.ctx.outbound is not None
+                qid = await self.ctx.outbound.enqueue(spool, sender, recipients)
+                txn.spool = None
+                status = "queued"
+            else:
+                name = final_name(spool.path.name, spool.size)
+                dirs = [self.ctx.maildir(uid) for uid in txn.users]
+                if txn.postmaster_fallback:
+                    dirs.append(self.ctx.postmaster_maildir())
+                links = [d / "new" / name for d in dirs]
+                await self.ctx.commit(spool, links)
+                txn.spool = None
+                qid = spool.path.name
+                status = "delivered"
+                if self.ctx.on_local_delivery is not None:
+                    self.ctx.on_local_delivery(links)
+        except Exception as exc:
+            log_event(log, "store failed", logging.ERROR, from_=f"<{sender}>", client=self.ip, error=repr(exc))
+            self._discard()
+            engine.respond(R.LOCAL_ERROR)
+            return
+        finally:
+            self._committing = False
+        if self.user is not None:
+            self.ctx.sent_per_user.setdefault(self.user.id, []).append(time.monotonic())
+        log_event(log, "message", id=qid, **{"from": f"<{sender}>"}, to=",".join(f"<{r}>" for r in txn.rcpts),
+                  size=ev.size, status=status, client=self.ip, user=self.user.address if self.user else "-")
+        self.txn = _Transaction()
+        engine.respond(R.QUEUED.with_text(f"OK: queued as {qid}"))
+
+    async def _add_submission_headers(self, ev: MessageComplete) -> None:
+        """RFC 6409 §8.2, §8.3: add Message-ID and Date when the client did not."""
+        missing = []
+        cfg = self.ctx.config
+        if "message-id" not in ev.header_names:
+            missing.append(f"Message-ID: {email.utils.make_msgid(domain=cfg.hostname)}\r\n")
+        if "date" not in ev.header_names:
+            missing.append(f"Date: {email.utils.format_datetime(email.utils.localtime())}\r\n")
+        if not missing:
+            return
+        txn = self.txn
+        old = txn.spool
+        assert old is not None
+        new = SpoolFile(self.ctx.tmp_dir)
+        extra = "".join(missing).encode()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, _splice, old, new, txn.trace_len, extra)
+        old.discard()
+        txn.spool = new
+
+    # --- STARTTLS and AUTH -----------------------------------------------------------------
+
+    async def _on_starttls(self) -> None:
+        engine = self.engine
+        assert engine is not None and self.transport is not None and self.ctx.tls is not None
+        self._flush()
+        loop = asyncio.get_running_loop()
+        try:
+            new_transport = await asyncio.wait_for(
+                loop.start_tls(self.transport, self, self.ctx.tls, server_side=True), timeout=30
+            )
+        except (TimeoutError, OSError, ConnectionError, Exception) as exc:
+            log_event(log, "tls handshake failed", logging.INFO, client=self.ip, error=repr(exc))
+            self._closing = True
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if new_transport is None:
+            self._close()
+            return
+        self.transport = new_transport
+        engine.tls_established()
+
+    async def _on_auth(self, ev: AuthAttempt) -> None:
+        engine = self.engine
+        assert engine is not None
+        throttle = self.ctx.throttle
+        assert throttle is not None
+        if throttle.blocked(self.ip, ev.username):
+            log_event(log, "auth throttled", logging.WARNING, client=self.ip, user=ev.username[:64])
+            engine.respond(R.AUTH_THROTTLED)
+            return
+        if ev.authzid and ev.authzid.lower() != ev.username.lower():
+            engine.respond(R.AUTH_FAILED)
+            return
+        user = await self.ctx.check_password(ev.username, ev.password, self.ip, self.kind)
+        if user is None:
+            engine.respond(R.AUTH_FAILED)
+            return
+        self.user = user
+        engine.respond(R.AUTH_OK)
+
+
+def _splice(old: SpoolFile, new: SpoolFile, at: int, extra: bytes) -> None:
+    """Copy ``old`` into ``new`` with ``extra`` inserted at offset ``at`` (worker thread)."""
+    with open(old.path, "rb") as src:
+        new.write(src.read(at))
+        new.write(extra)
+        while chunk := src.read(1024 * 1024):
+            new.write(chunk)
+
+
+async def start_smtp_listeners(ctx: ServerContext, kind: Kind, endpoints: list[tuple[str, int]]) -> list[asyncio.base_events.Server]:
+    loop = asyncio.get_running_loop()
+    servers = []
+    for host, port in endpoints:
+        ssl_ctx = ctx.tls if kind == "submissions" else None
+        srv = await loop.create_server(lambda: SMTPSession(ctx, kind), host, port, ssl=ssl_ctx,
+                                       reuse_address=True, backlog=1024, ssl_handshake_timeout=30 if ssl_ctx else None)
+        servers.append(srv)
+    return servers
+

@@ -1,0 +1,244 @@
+"""Durable Maildir writes and the group committer.
+
+The one durable-write recipe of the project (qmail's Maildir, and the queue uses it too):
+
+1. write the content to a temp file on the same filesystem (``data_dir/tmp``);
+2. fsync the file;
+3. hard-link it into place (each recipient's ``new/`` under its final name);
+4. fsync every directory that gained an entry;
+5. only then acknowledge (the SMTP 250), and unlink the temp name.
+
+A crash before step 4 can leave a file in ``tmp/`` (cleaned at start) but never a partial file
+in ``new/``: the link only happens after the content is on disk. A message for several local
+mailboxes is written once and hard-linked N times.
+
+Steps 2-4 run in :class:`Committer` threads, never on the event loop. Jobs that arrive while a
+batch is being synced wait for the next batch, so concurrent sessions share directory fsyncs
+(group commit); every job's callback runs only after its own batch is durable.
+
+Stored messages keep the CRLF line endings they arrived with, so the file is byte-for-byte
+what the client sent (plus our trace headers) and POP3 can send it without conversion.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SUBDIRS = ("tmp", "new", "cur")
+_seq = itertools.count(1)
+_HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072") or "localhost"
+
+
+def maildir_for(data_dir: Path, user_id: int) -> Path:
+    """The mailbox directory of a user: derived from the stored id, never from client text."""
+    return data_dir / "mail" / str(int(user_id))
+
+
+def ensure_maildir(path: Path) -> None:
+    for sub in SUBDIRS:
+        (path / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+def unique_name() -> str:
+    """A Maildir unique name (cr.yp.to/proto/maildir.html): time, microseconds, pid, counter."""
+    now = time.time()
+    sec = int(now)
+    usec = int((now - sec) * 1_000_000)
+    return f"{sec}.M{usec}P{os.getpid()}Q{next(_seq)}.{_HOST}"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SpoolFile:
+    """A temp file being written on the event loop (page-cache writes, no fsync here)."""
+
+    __slots__ = ("closed", "fd", "path", "size")
+
+    def __init__(self, tmp_dir: Path) -> None:
+        self.path = tmp_dir / unique_name()
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.size = 0
+        self.closed = False
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+            self.size += n
+
+    def discard(self) -> None:
+        """Abandon the file (transaction reset, refused message)."""
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+@dataclass(slots=True)
+class CommitJob:
+    """Make a spool file durable and visible under one or more final names."""
+
+    spool: SpoolFile
+    links: list[Path]  # final paths (e.g. <maildir>/new/<unique>,S=<size>)
+    on_done: Callable[[BaseException | None], None]
+    keep_spool: bool = False  # True: the temp file itself is the final file (renamed, not linked)
+    done: bool = field(default=False)
+
+
+class Committer:
+    """Threads that run commit jobs in batches (group commit). See the module docstring."""
+
+    def __init__(self, threads: int = 2) -> None:
+        self._q: queue.SimpleQueue[CommitJob | None] = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._run, name=f"committer-{i}", daemon=True) for i in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, job: CommitJob) -> None:
+        self._q.put(job)
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._q.put(None)
+        for t in self._threads:
+            t.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            job = self._q.get()
+            if job is None:
+                return
+            batch = [job]
+            stop = False
+            while len(batch) < 256:
+                try:
+                    nxt = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._commit(batch)
+            if stop:
+                return
+
+    @staticmethod
+    def _commit(batch: list[CommitJob]) -> None:
+        errors: dict[int, BaseException] = {}
+        dirs: set[Path] = set()
+        for i, job in enumerate(batch):
+            spool = job.spool
+            try:
+                os.fsync(spool.fd)
+                os.close(spool.fd)
+                spool.closed = True
+                for target in job.links:
+                    if job.keep_spool:
+                        os.replace(spool.path, target)
+                    else:
+                        os.link(spool.path, target)
+                    dirs.add(target.parent)
+            except BaseException as exc:  # reported to the session as 451, detail logged there
+                errors[i] = exc
+                _cleanup_failed(job)
+        dir_error: BaseException | None = None
+        for d in dirs:
+            try:
+                fsync_dir(d)
+            except OSError as exc:
+                dir_error = exc
+        for i, job in enumerate(batch):
+            err = errors.get(i) or dir_error
+            if not job.keep_spool and i not in errors:
+                try:
+                    os.unlink(job.spool.path)
+                except OSError:
+                    pass  # a leftover temp file is harmless and cleaned at start
+            job.done = True
+            job.on_done(err)
+
+
+def _cleanup_failed(job: CommitJob) -> None:
+    spool = job.spool
+    if not spool.closed:
+        spool.closed = True
+        try:
+            os.close(spool.fd)
+        except OSError:
+            pass
+    for target in job.links:
+        try:
+            os.unlink(target)
+        except OSError:
+            pass
+    try:
+        os.unlink(spool.path)
+    except OSError:
+        pass
+
+
+def clean_tmp(tmp_dir: Path, older_than: float = 0.0) -> int:
+    """Remove leftover temp files (from a crash) older than ``older_than`` seconds."""
+    removed = 0
+    now = time.time()
+    try:
+        entries = list(os.scandir(tmp_dir))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.is_file() and now - entry.stat().st_mtime >= older_than:
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def final_name(unique: str, size: int) -> str:
+    """``<unique>,S=<size>``: the size in the name lets POP3 list without a stat (Dovecot style)."""
+    return f"{unique},S={size}"
+
+
+def deliver_bytes(data_dir: Path, maildirs: list[Path], content: bytes) -> list[Path]:
+    """Synchronously deliver ``content`` to each maildir with the durable recipe (for couriers
+    and tools running in a worker thread). Returns the final paths."""
+    tmp = data_dir / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    spool = SpoolFile(tmp)
+    try:
+        spool.write(content)
+        os.fsync(spool.fd)
+        os.close(spool.fd)
+        spool.closed = True
+        name = final_name(spool.path.name, spool.size)
+        out: list[Path] = []
+        for md in maildirs:
+            ensure_maildir(md)
+            target = md / "new" / name
+            os.link(spool.path, target)
+            out.append(target)
+        for md in {p.parent for p in out}:
+            fsync_dir(md)
+        return out
+    finally:
+        spool.discard()
