@@ -47,6 +47,7 @@ class Server:
     _stoppers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def start(self) -> None:
+        load_components()
         cfg = self.config
         for sub in ("tmp", "mail", "queue"):
             (cfg.data_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -158,3 +159,13 @@ def install_event_loop_policy() -> None:
         pass
 
 
+def load_components() -> None:
+    """Import the optional server components so they register their hooks above."""
+    import importlib
+
+    for name in ("serpentmail.server.pop3", "serpentmail.queue.service"):
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise

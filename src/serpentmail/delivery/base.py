@@ -1,0 +1,47 @@
+"""The courier plug point: what the scheduler hands a courier and what it gets back.
+
+A courier delivers one message to a group of recipients that share a destination (a local
+mailbox set, or one remote domain) and reports a result per recipient. Couriers never see an
+SMTP session; their input is a committed queue item.
+
+Status rules (RFC 5321 §4.2.1, RFC 3463): ``delivered`` is final; ``failed`` is permanent (a
+5xx, NXDOMAIN, null MX) and leads to a bounce; ``deferred`` is temporary (4xx, timeouts,
+connection refused, SERVFAIL, any unexpected error) and is retried later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+Status = Literal["delivered", "deferred", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientResult:
+    recipient: str
+    status: Status
+    # The reply or reason, as "code enhanced text" for SMTP replies (e.g. "550 5.1.1 user
+    # unknown") or plain text for local problems ("Host or domain name not found").
+    reply: str
+    remote_mta: str | None = None  # the exchanger that answered, for the DSN Remote-MTA field
+    diagnostic_type: str = "smtp"  # RFC 3464 §2.3.6: "smtp" for SMTP replies, "x-local" otherwise
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """What a courier needs to know about the message."""
+
+    queue_id: str
+    sender: str  # "" for the null reverse-path
+    data_path: Path  # the message file (trace headers included, no Return-Path)
+    size: int
+    smtputf8: bool = False
+    body_8bit: bool = False
+
+
+class Courier(Protocol):
+    async def deliver(self, envelope: Envelope, recipients: list[str]) -> list[RecipientResult]:
+        """Deliver to ``recipients`` (all in one domain); one result per recipient, in order."""
+        ...

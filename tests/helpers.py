@@ -1,0 +1,108 @@
+"""Shared test helpers: configs on loopback, free ports, and an in-process server in a thread.
+
+``running_server(tmp_path)`` starts a whole serpentmail ``Server`` (all listeners that are
+configured) on its own event loop in a background thread, so tests can use blocking stdlib
+clients (smtplib, poplib) against it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from serpentmail.accounts.db import AccountDB
+from serpentmail.config import Config, Endpoint, LimitsConfig, Listener, embedded_default
+from serpentmail.server.run import Server
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def make_config(data_dir: Path, host: str = "127.0.0.1", *, listeners: tuple[str, ...] = ("smtp", "submission", "submissions", "pop3", "pop3s"),
+                hostname: str = "mx.test", limits: dict[str, Any] | None = None, **overrides: Any) -> Config:
+    """A config with every listener on a free port of ``host`` (a 127.x address)."""
+    base = embedded_default(data_dir)
+    eps = {}
+    for name in ("smtp", "submission", "submissions", "pop3", "pop3s"):
+        eps[name] = Listener((Endpoint(host, free_port(host)),) if name in listeners else ())
+    lim = replace(LimitsConfig(auth_failure_delay=0.05), **(limits or {}))
+    return replace(base, hostname=hostname, default_domains=(), limits=lim, **eps, **overrides)
+
+
+def add_user(cfg: Config, address: str, password: str = "secret") -> None:
+    db = AccountDB(cfg.db_path)
+    domain = address.rpartition("@")[2]
+    db.ensure_domain(domain)
+    db.add_user(address, password)
+    db.close()
+
+
+class ServerThread:
+    """A Server running on its own loop in a daemon thread."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.server = Server(cfg)
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self.server.start())
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self.loop.run_forever()
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        self._ready.wait(30)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self) -> None:
+        fut = asyncio.run_coroutine_threadsafe(self.server.stop(grace=5), self.loop)
+        with contextlib.suppress(Exception):
+            fut.result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(30)
+
+    def endpoint(self, kind: str) -> tuple[str, int]:
+        ep = getattr(self.cfg, kind).listen[0]
+        return ep.host, ep.port
+
+
+@contextlib.contextmanager
+def running_server(cfg: Config) -> Iterator[ServerThread]:
+    st = ServerThread(cfg).start()
+    try:
+        yield st
+    finally:
+        st.stop()
+
+
+def maildir_files(cfg: Config, address: str, sub: str = "new") -> list[Path]:
+    """The files in a user's Maildir ``sub`` directory, oldest first."""
+    db = AccountDB(cfg.db_path)
+    user = db.get_user(address)
+    db.close()
+    assert user is not None, address
+    d = cfg.data_dir / "mail" / str(user.id) / sub
+    if not d.exists():
+        return []
+    return sorted(d.iterdir(), key=lambda p: p.name)
