@@ -18,12 +18,14 @@ import smtplib
 import socket
 import ssl
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.policy import SMTP as SMTP_POLICY
 from email.utils import formatdate, getaddresses, make_msgid
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 from rich.table import Table
@@ -104,15 +106,18 @@ def submit(target: SubmitTarget, user: str, password: str, msg: EmailMessage | b
         except smtplib.SMTPRecipientsRefused as exc:
             refused = exc.recipients
         except smtplib.SMTPResponseException as exc:
-            text = exc.smtp_error.decode("utf-8", "replace") if isinstance(exc.smtp_error, bytes) else str(exc.smtp_error)
-            return {r: (exc.smtp_code, text) for r in recipients}
+            return {r: (exc.smtp_code, _text(exc.smtp_error)) for r in recipients}
         for r in recipients:
             if r in refused:
-                code, text = refused[r]
-                results[r] = (code, text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text))
+                code, reply = refused[r]
+                results[r] = (code, _text(reply))
             else:
                 results[r] = (250, "accepted")
         return results
+
+
+def _text(reply: bytes | str) -> str:
+    return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
 
 
 def _report(results: dict[str, tuple[int, str]], as_json: bool) -> int:
@@ -144,9 +149,9 @@ def _target(state: State, host: str | None, port: int | None, tls_mode: str, ins
 
 def _session_error(exc: Exception) -> None:
     if isinstance(exc, smtplib.SMTPAuthenticationError):
-        fail(f"authentication failed: {exc.smtp_code} {exc.smtp_error.decode('utf-8', 'replace')}")
+        fail(f"authentication failed: {exc.smtp_code} {_text(exc.smtp_error)}")
     if isinstance(exc, smtplib.SMTPResponseException):
-        fail(f"server refused: {exc.smtp_code} {exc.smtp_error.decode('utf-8', 'replace') if isinstance(exc.smtp_error, bytes) else exc.smtp_error}")
+        fail(f"server refused: {exc.smtp_code} {_text(exc.smtp_error)}")
     if isinstance(exc, ssl.SSLError):
         fail(f"TLS failed: {exc.reason or exc}")
     fail(f"cannot submit: {exc}")
@@ -165,7 +170,10 @@ _common = [
 ]
 
 
-def _with_common(fn: object) -> object:
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _with_common(fn: F) -> F:
     for opt in reversed(_common):
         fn = opt(fn)
     return fn
@@ -179,7 +187,7 @@ def _with_common(fn: object) -> object:
 @click.option("--subject", default="", help="Subject line.")
 @click.option("--attach", multiple=True, type=click.Path(exists=True, dir_okay=False), help="File to attach (repeatable).")
 @click.option("--body-file", type=click.Path(exists=True, dir_okay=False), help="Body from this file instead of stdin.")
-@_with_common  # type: ignore[arg-type]
+@_with_common
 @click.pass_obj
 def send(state: State, sender: str, to: tuple[str, ...], cc: tuple[str, ...], bcc: tuple[str, ...], subject: str,
          attach: tuple[str, ...], body_file: str | None, host: str | None, port: int | None, tls_mode: str,
@@ -222,7 +230,7 @@ def send(state: State, sender: str, to: tuple[str, ...], cc: tuple[str, ...], bc
 @click.option("-f", "sender", help="Envelope sender (default: the From header, or --user).")
 @click.option("-oi", "ignore_dots2", is_flag=True, hidden=True)
 @click.argument("recipients", nargs=-1)
-@_with_common  # type: ignore[arg-type]
+@_with_common
 @click.pass_obj
 def sendmail(state: State, from_headers: bool, ignore_dots: bool, sender: str | None, ignore_dots2: bool,
              recipients: tuple[str, ...], host: str | None, port: int | None, tls_mode: str, user: str | None,
