@@ -1,0 +1,129 @@
+"""Wires the outbound queue into a running server (a ``START_HOOKS`` entry of server/run.py).
+
+At start, after the listeners are bound: build the :class:`QueueStore` on the server's
+committer, the :class:`LocalCourier`, the remote courier (``serpentmail.delivery.remote``,
+imported lazily; a placeholder that defers with "remote delivery not available" when that
+module is absent), a :class:`DomainRouter` between them, and the :class:`Scheduler`. Set it
+as ``ctx.outbound`` (so the SMTP side can queue) and start it. The returned stopper stops the
+scheduler: deliveries in flight finish or stay pending on disk.
+
+Routing: a recipient whose domain is one of ours (accounts database) or our own hostname
+(``postmaster@<hostname>``, RFC 5321 §4.5.1) goes to the local courier; any other goes to the
+remote courier.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..accounts.db import AccountDB
+from ..config import Config
+from ..delivery.base import Courier, Envelope, RecipientResult
+from ..delivery.local import LocalCourier
+from ..proto.address import AddressError, parse_mailbox
+from ..server.run import START_HOOKS
+from .scheduler import Scheduler
+from .store import QueueStore, domain_of
+
+if TYPE_CHECKING:
+    from ..server.run import Server
+
+log = logging.getLogger("serpentmail.queue")
+
+REMOTE_UNAVAILABLE = "451 4.3.2 remote delivery not available"
+
+
+class UnavailableCourier:
+    """Stands in for the remote courier when it is not installed: always temporary."""
+
+    async def deliver(self, envelope: Envelope, recipients: list[str]) -> list[RecipientResult]:
+        return [RecipientResult(r, "deferred", REMOTE_UNAVAILABLE, None, "x-local") for r in recipients]
+
+
+class DomainRouter:
+    """A Courier that hands each (message, domain) group to the local or the remote courier."""
+
+    def __init__(self, local: Courier, remote: Courier, is_local: Callable[[str], bool]) -> None:
+        self.local = local
+        self.remote = remote
+        self.is_local = is_local
+
+    async def deliver(self, envelope: Envelope, recipients: list[str]) -> list[RecipientResult]:
+        if not recipients:
+            return []
+        courier = self.local if self.is_local(domain_of(recipients[0])) else self.remote
+        return await courier.deliver(envelope, recipients)
+
+
+def make_remote_courier(config: Config) -> Courier:
+    """``RemoteCourier(config)`` from serpentmail.delivery.remote, or the placeholder."""
+    try:
+        mod = importlib.import_module("serpentmail.delivery.remote")
+    except ModuleNotFoundError as exc:
+        if exc.name != "serpentmail.delivery.remote":
+            raise
+        log.warning("serpentmail.delivery.remote is missing: remote recipients will be deferred")
+        return UnavailableCourier()
+    courier: Courier = mod.RemoteCourier(config)
+    return courier
+
+
+def local_domain_check(config: Config, accounts: AccountDB) -> Callable[[str], bool]:
+    hostname = config.hostname.lower().rstrip(".")
+
+    def is_local(domain: str) -> bool:
+        d = domain.lower().rstrip(".")
+        return d == hostname or accounts.is_local_domain(d)
+
+    return is_local
+
+
+def alias_expander(accounts: AccountDB) -> Callable[[str], list[str]]:
+    """For DSNs: the original sender through local aliases (users' addresses + remote
+    targets); non-local or unknown addresses stay as they are (the courier decides)."""
+
+    def expand(address: str) -> list[str]:
+        try:
+            res = accounts.resolve(parse_mailbox(address))
+        except AddressError:
+            return [address]
+        if not res.local or not res.exists:
+            return [address]
+        return [u.address for u in res.users] + list(res.remote)
+
+    return expand
+
+
+def build_scheduler(config: Config, store: QueueStore, accounts: AccountDB, *,
+                    remote: Courier | None = None,
+                    on_local_delivery: Callable[[list[Path]], None] | None = None) -> Scheduler:
+    local = LocalCourier(config, accounts, on_delivery=on_local_delivery)
+    router = DomainRouter(local, remote or make_remote_courier(config), local_domain_check(config, accounts))
+    return Scheduler(store, router, config, expand=alias_expander(accounts))
+
+
+async def _start_queue(server: Server) -> Callable[[], Awaitable[None]] | None:
+    ctx = server.ctx
+    assert ctx is not None
+    store = QueueStore(server.config.data_dir, ctx.committer)
+
+    def notify(links: list[Path]) -> None:
+        # Read at call time: a component (POP3) may install its hook after we start.
+        if ctx.on_local_delivery is not None:
+            ctx.on_local_delivery(links)
+
+    scheduler = build_scheduler(server.config, store, ctx.accounts, on_local_delivery=notify)
+    ctx.outbound = scheduler
+    await scheduler.start()
+
+    async def stop() -> None:
+        await scheduler.stop()
+
+    return stop
+
+
+START_HOOKS.append(_start_queue)

@@ -1,0 +1,396 @@
+"""The durable outbound spool: one data file and one envelope file per queued message.
+
+Layout under ``data_dir/queue``::
+
+    data/<id>        the message (trace headers included, no Return-Path), never rewritten
+    env/<id>.json    the envelope: sender, arrival, size, flags, per-recipient state
+    tmp/             envelope rewrites in progress (temp + fsync + rename)
+    control/         requests from the ``queue`` CLI to a running scheduler (flush, retry)
+
+Invariants (see docs/queue-states.md for the full table):
+
+* Queue state is which files exist. An item exists when both ``data/<id>`` and
+  ``env/<id>.json`` exist. Every write follows the one durable recipe (temp file, fsync,
+  rename, fsync the directory), so a reader sees the old or the new envelope, never half of one.
+* The enqueue path commits the data file and the first envelope through the server's
+  :class:`~serpentmail.storage.maildir.Committer` (group commit); :meth:`QueueStore.enqueue`
+  returns the id only after both are durable, so the SMTP 250 comes after the commit point
+  (RFC 5321 §6.1: once we say 250 we are responsible for the message).
+* Crash recovery (:meth:`QueueStore.recover`, at start only): an envelope without its data
+  file was never acknowledged (the data is committed in the same batch) → discarded; a data
+  file without an envelope was never acknowledged either → removed. Nothing half-written is
+  ever resurrected.
+* Removal deletes the envelope first (the commit point of "gone"), then the data file.
+* Listing reads envelopes only (small JSON), never message bodies: :meth:`QueueStore.scan`
+  yields one envelope at a time, so 100,000 queued messages are never all in memory.
+
+All methods except :meth:`QueueStore.enqueue` are blocking file operations: the scheduler
+calls them from a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..storage.maildir import CommitJob, Committer, SpoolFile, fsync_dir
+
+RecipientState = Literal["pending", "delivered", "failed"]
+ENVELOPE_VERSION = 1
+_ID_RE = re.compile(r"^[0-9A-Z]{8,40}$")
+
+
+class QueueError(ValueError):
+    """A user-facing queue problem (unknown id, bad id)."""
+
+
+def new_queue_id(now: float | None = None) -> str:
+    """A sortable id: microseconds since the epoch (hex) then 24 random bits.
+
+    Ids are made of ``[0-9A-Z]`` only, so they are safe as file names and in CLI arguments.
+    """
+    micros = int((time.time() if now is None else now) * 1_000_000)
+    return f"{micros:014X}{secrets.token_hex(3).upper()}"
+
+
+def valid_id(qid: str) -> bool:
+    return bool(_ID_RE.match(qid))
+
+
+@dataclass(slots=True)
+class RecipientRecord:
+    address: str
+    state: RecipientState = "pending"
+    attempts: int = 0
+    last_reply: str = ""
+    last_attempt: float | None = None
+    next_attempt: float = 0.0
+    remote_mta: str | None = None
+    diagnostic_type: str = "smtp"
+    notified: bool = False  # a failure DSN listing this recipient has been queued
+    expired: bool = False  # failed because max_lifetime passed with only temporary errors
+
+    @property
+    def domain(self) -> str:
+        return domain_of(self.address)
+
+
+@dataclass(slots=True)
+class EnvelopeRecord:
+    id: str
+    sender: str
+    arrival: float
+    size: int
+    recipients: list[RecipientRecord]
+    smtputf8: bool = False
+    body_8bit: bool = False
+    warned: bool = False  # a delay DSN (Action: delayed) has been queued
+    dsn_count: int = 0  # DSNs generated so far (makes DSN ids deterministic: <id>B<n>)
+    version: int = ENVELOPE_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pending(self) -> list[RecipientRecord]:
+        return [r for r in self.recipients if r.state == "pending"]
+
+    @property
+    def done(self) -> bool:
+        return not self.pending
+
+    def next_due(self) -> float | None:
+        due = [r.next_attempt for r in self.recipients if r.state == "pending"]
+        return min(due) if due else None
+
+    def pending_domains(self) -> frozenset[str]:
+        return frozenset(r.domain for r in self.recipients if r.state == "pending")
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> EnvelopeRecord:
+        obj = json.loads(raw)
+        if not isinstance(obj, dict) or obj.get("version") != ENVELOPE_VERSION:
+            raise ValueError("unknown envelope version")
+        rcpts = [RecipientRecord(**r) for r in obj.pop("recipients")]
+        return cls(recipients=rcpts, **obj)
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower().rstrip(".")
+
+
+class QueueStore:
+    """Files of the outbound queue. Thread-safe for distinct ids; one writer per id."""
+
+    def __init__(self, data_dir: Path, committer: Committer | None = None,
+                 clock: Any = time.time) -> None:
+        self.data_dir = data_dir
+        self.root = data_dir / "queue"
+        self.data = self.root / "data"
+        self.env = self.root / "env"
+        self.tmp = self.root / "tmp"
+        self.control = self.root / "control"
+        self.spool_tmp = data_dir / "tmp"
+        self.committer = committer
+        self.clock = clock
+        for d in (self.data, self.env, self.tmp, self.control, self.spool_tmp):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # --- paths ---------------------------------------------------------------------------
+
+    def data_path(self, qid: str) -> Path:
+        return self.data / qid
+
+    def env_path(self, qid: str) -> Path:
+        return self.env / f"{qid}.json"
+
+    # --- enqueue -------------------------------------------------------------------------
+
+    def _new_record(self, qid: str, sender: str, recipients: list[str], size: int,
+                    smtputf8: bool, body_8bit: bool) -> EnvelopeRecord:
+        now = float(self.clock())
+        seen: set[str] = set()
+        rcpts = []
+        for r in recipients:
+            if r.lower() not in seen:
+                seen.add(r.lower())
+                rcpts.append(RecipientRecord(r, next_attempt=now))
+        return EnvelopeRecord(qid, sender, now, size, rcpts, smtputf8, body_8bit)
+
+    async def enqueue(self, spool: SpoolFile, sender: str, recipients: list[str], *,
+                      smtputf8: bool = False, body_8bit: bool = False,
+                      qid: str | None = None) -> EnvelopeRecord:
+        """Commit ``spool`` as a new queue item and return its envelope once it is durable.
+
+        The data file and the envelope are two jobs of one group commit: each is fsync'd,
+        renamed into place, and both directories are fsync'd before this returns. If either
+        fails, both are removed and the error is raised (the session answers 451).
+        """
+        qid = qid or new_queue_id(self.clock())
+        record = self._new_record(qid, sender, recipients, spool.size, smtputf8, body_8bit)
+        env_spool = SpoolFile(self.spool_tmp)
+        try:
+            env_spool.write(record.to_json())
+        except BaseException:
+            env_spool.discard()
+            raise
+        jobs = [(spool, self.data_path(qid)), (env_spool, self.env_path(qid))]
+        if self.committer is None:
+            await asyncio.get_running_loop().run_in_executor(None, _commit_sync, jobs)
+            return record
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[None]] = []
+        for sp, target in jobs:
+            fut: asyncio.Future[None] = loop.create_future()
+            futures.append(fut)
+            self.committer.submit(CommitJob(sp, [target], _settler(loop, fut), keep_spool=True))
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await loop.run_in_executor(None, self.remove, qid)
+            raise errors[0]
+        return record
+
+    def enqueue_bytes(self, content: bytes, sender: str, recipients: list[str], *,
+                      qid: str | None = None, smtputf8: bool = False) -> EnvelopeRecord | None:
+        """Blocking enqueue of a message held in memory (DSNs, tools). With an explicit
+        ``qid`` that already exists, nothing is written and None is returned: this makes DSN
+        generation idempotent across a crash (the DSN id is derived from the original id)."""
+        qid = qid or new_queue_id(self.clock())
+        if self.env_path(qid).exists():
+            return None
+        record = self._new_record(qid, sender, recipients, len(content), smtputf8, False)
+        data_spool = SpoolFile(self.spool_tmp)
+        env_spool = SpoolFile(self.spool_tmp)
+        try:
+            data_spool.write(content)
+            env_spool.write(record.to_json())
+        except BaseException:
+            data_spool.discard()
+            env_spool.discard()
+            raise
+        _commit_sync([(data_spool, self.data_path(qid)), (env_spool, self.env_path(qid))])
+        return record
+
+    # --- reading -------------------------------------------------------------------------
+
+    def load(self, qid: str) -> EnvelopeRecord | None:
+        """The envelope of ``qid``, or None when the item is gone (delivered, deleted)."""
+        try:
+            raw = self.env_path(qid).read_bytes()
+        except FileNotFoundError:
+            return None
+        return EnvelopeRecord.from_json(raw)
+
+    def exists(self, qid: str) -> bool:
+        return self.env_path(qid).exists() and self.data_path(qid).exists()
+
+    def ids(self) -> Iterator[str]:
+        """Ids of items with an envelope, in no particular order (scandir, no sort in memory)."""
+        with os.scandir(self.env) as it:
+            for entry in it:
+                name = entry.name
+                if name.endswith(".json") and valid_id(name[:-5]):
+                    yield name[:-5]
+
+    def scan(self) -> Iterator[EnvelopeRecord]:
+        """Every complete item's envelope, one at a time (bodies are never read)."""
+        for qid in self.ids():
+            if not self.data_path(qid).exists():
+                continue  # being enqueued right now, or being removed
+            try:
+                rec = self.load(qid)
+            except (OSError, ValueError):
+                continue
+            if rec is not None:
+                yield rec
+
+    def read_headers(self, qid: str, limit: int = 64 * 1024) -> bytes:
+        """The header section of the message (for DSNs), at most ``limit`` bytes."""
+        with open(self.data_path(qid), "rb") as f:
+            head = f.read(limit)
+        end = head.find(b"\r\n\r\n")
+        if end < 0:
+            end = head.find(b"\n\n")
+            return head if end < 0 else head[: end + 2]
+        return head[: end + 4]
+
+    # --- updating ------------------------------------------------------------------------
+
+    def save(self, record: EnvelopeRecord) -> bool:
+        """Atomically replace the envelope. Returns False (and writes nothing) when the item
+        was removed meanwhile (``queue delete``), so a deleted item is not resurrected."""
+        if not self.data_path(record.id).exists():
+            return False
+        tmp = self.tmp / f"{record.id}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(record.to_json())
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.replace(tmp, self.env_path(record.id))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        fsync_dir(self.env)
+        return True
+
+    def remove(self, qid: str) -> bool:
+        """Remove an item: envelope first (the commit point), then data. True if it existed."""
+        existed = False
+        for path, parent in ((self.env_path(qid), self.env), (self.data_path(qid), self.data)):
+            try:
+                os.unlink(path)
+                existed = True
+            except FileNotFoundError:
+                continue
+            fsync_dir(parent)
+        return existed
+
+    # --- recovery ------------------------------------------------------------------------
+
+    def recover(self) -> tuple[int, int]:
+        """At start, before anything is enqueued: drop half-made items (see module docstring).
+
+        Returns (envelopes discarded, data files removed)."""
+        envs = set(self.ids())
+        dropped_env = 0
+        for qid in envs:
+            if not self.data_path(qid).exists():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.env_path(qid))
+                    dropped_env += 1
+        removed_data = 0
+        with os.scandir(self.data) as it:
+            names = [e.name for e in it]
+        for name in names:
+            if name not in envs:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.data / name)
+                    removed_data += 1
+        with os.scandir(self.tmp) as it:
+            for e in it:
+                with contextlib.suppress(OSError):
+                    os.unlink(e.path)
+        if dropped_env:
+            fsync_dir(self.env)
+        if removed_data:
+            fsync_dir(self.data)
+        return dropped_env, removed_data
+
+    # --- control requests (CLI → running scheduler) --------------------------------------
+
+    def request(self, action: Literal["flush", "retry"], qid: str | None = None) -> None:
+        """Leave a request for the running scheduler, which polls ``control/`` each second.
+        Without a running server the request is picked up at the next start."""
+        if qid is not None and not valid_id(qid):
+            raise QueueError(f"bad queue id {qid!r}")
+        name = f"{action}.{qid or 'ALL'}"
+        path = self.control / name
+        path.touch()
+
+    def take_requests(self) -> list[tuple[str, str | None]]:
+        """Consume pending control requests: [(action, id or None for all)]."""
+        out: list[tuple[str, str | None]] = []
+        try:
+            entries = list(os.scandir(self.control))
+        except FileNotFoundError:
+            return out
+        for e in entries:
+            action, _, target = e.name.partition(".")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(e.path)
+            if action in ("flush", "retry") and (target == "ALL" or valid_id(target)):
+                out.append((action, None if target == "ALL" else target))
+        return out
+
+
+def _settler(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]) -> Any:
+    def done(err: BaseException | None) -> None:
+        loop.call_soon_threadsafe(_settle, fut, err)
+    return done
+
+
+def _settle(fut: asyncio.Future[None], err: BaseException | None) -> None:
+    if fut.done():
+        return
+    if err is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(err)
+
+
+def _commit_sync(jobs: list[tuple[SpoolFile, Path]]) -> None:
+    """The durable recipe without the Committer (worker thread): fsync each file, rename it
+    into place, then fsync each directory that gained an entry."""
+    dirs: set[Path] = set()
+    try:
+        for spool, target in jobs:
+            os.fsync(spool.fd)
+            os.close(spool.fd)
+            spool.closed = True
+            os.replace(spool.path, target)
+            dirs.add(target.parent)
+        for d in dirs:
+            fsync_dir(d)
+    except BaseException:
+        for spool, target in jobs:
+            spool.discard()
+            with contextlib.suppress(OSError):
+                os.unlink(target)
+        raise
