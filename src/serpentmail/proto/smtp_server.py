@@ -174,6 +174,11 @@ _LONG_LINE_FLUSH = 64 * 1024  # emit content of a very long DATA line in pieces 
 _MAX_HEADER_TRACK = 1024 * 1024  # stop tracking header fields after this many octets
 
 
+def _is_number(text: str) -> bool:
+    """A decimal number of at most 20 ASCII digits (SIZE=, BDAT sizes)."""
+    return 0 < len(text) <= 20 and text.isascii() and text.isdigit()
+
+
 class SMTPServerConnection:
     """One SMTP session, server side. See the module docstring for the contract."""
 
@@ -351,6 +356,8 @@ class SMTPServerConnection:
                 if not self._discarding_line:
                     self._discarding_line = True
                     self._reply(R.LINE_TOO_LONG)
+                    if self._phase is _Phase.AUTH:
+                        self._phase = _Phase.COMMAND
                 return True
             return False
         raw = bytes(buf[:lf + 1])
@@ -358,19 +365,26 @@ class SMTPServerConnection:
         if self._discarding_line:
             self._discarding_line = False
             return True
+        refusal: Reply | None = None
+        line = ""
         if len(raw) > self.limits.max_line_length:
-            self._reply(R.LINE_TOO_LONG)
-            return True
-        if not raw.endswith(b"\r\n") or b"\r" in raw[:-2]:
-            self._reply(R.BARE_LF_COMMAND)
-            return True
-        try:
-            line = raw[:-2].decode("utf-8")
-        except UnicodeDecodeError:
-            self._reply(R.SYNTAX_ERROR.with_text("Invalid UTF-8 in command"))
-            return True
-        if "\x00" in line:
-            self._reply(R.SYNTAX_ERROR.with_text("NUL in command"))
+            refusal = R.LINE_TOO_LONG
+        elif not raw.endswith(b"\r\n") or b"\r" in raw[:-2]:
+            refusal = R.BARE_LF_COMMAND
+        else:
+            try:
+                line = raw[:-2].decode("utf-8")
+            except UnicodeDecodeError:
+                refusal = R.SYNTAX_ERROR.with_text("Invalid UTF-8 in command")
+            else:
+                if "\x00" in line:
+                    refusal = R.SYNTAX_ERROR.with_text("NUL in command")
+        if refusal is not None:
+            self._reply(refusal)
+            # A bad line inside a SASL exchange ends the exchange (RFC 4954 §4): the next line
+            # is a command again, never read as a password.
+            if self._phase is _Phase.AUTH:
+                self._phase = _Phase.COMMAND
             return True
         if self._phase is _Phase.AUTH:
             self._auth_continue(line)
@@ -477,7 +491,8 @@ class SMTPServerConnection:
         for name, value in params.items():
             match name:
                 case "SIZE":  # RFC 1870 §6
-                    if value is None or not value.isdigit() or len(value) > 20:
+                    # ASCII digits only: str.isdigit() also accepts superscript and Arabic-Indic digits.
+                    if value is None or not _is_number(value):
                         self._reply(R.PARAM_SYNTAX.with_text("Bad SIZE parameter"))
                         return
                     size = int(value)
@@ -549,7 +564,7 @@ class SMTPServerConnection:
     def _cmd_bdat(self, arg: str) -> None:
         # RFC 3030 §2: BDAT <size> [LAST]; the chunk follows immediately.
         parts = arg.split()
-        if not parts or len(parts) > 2 or not parts[0].isdigit() or len(parts[0]) > 20 or (
+        if not parts or len(parts) > 2 or not _is_number(parts[0]) or (
             len(parts) == 2 and parts[1].upper() != "LAST"
         ):
             # We cannot know how many octets follow, so the session cannot continue safely.
@@ -771,7 +786,9 @@ class SMTPServerConnection:
         self._phase = _Phase.COMMAND
         if self._bdat_failed is not None:
             failed = self._bdat_failed
-            if self._bdat_last:
+            # With no transaction (no MAIL yet) there is nothing to fail: only this chunk is
+            # refused, so a later MAIL ... BDAT starts clean.
+            if self._bdat_last or self.sender is None:
                 self._bdat_failed = None
                 self._abort_transaction()
             self._reply(failed)
