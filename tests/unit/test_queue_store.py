@@ -1,0 +1,116 @@
+"""The durable spool: enqueue commits both files, recovery drops half-made items, updates are
+atomic, listing never reads bodies."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from serpentmail.queue.store import EnvelopeRecord, QueueError, QueueStore, valid_id
+from serpentmail.storage.maildir import Committer, SpoolFile
+
+
+def _spool(store: QueueStore, content: bytes) -> SpoolFile:
+    sp = SpoolFile(store.spool_tmp)
+    sp.write(content)
+    return sp
+
+
+@pytest.mark.parametrize("with_committer", [True, False])
+def test_enqueue_is_durable_and_complete(tmp_path: Path, with_committer: bool) -> None:
+    committer = Committer() if with_committer else None
+    store = QueueStore(tmp_path, committer, clock=lambda: 1000.0)
+    try:
+        sp = _spool(store, b"Subject: x\r\n\r\nbody\r\n")
+        rec = asyncio.run(store.enqueue(sp, "a@b.test", ["x@y.test", "X@y.test", "z@w.test"], smtputf8=True))
+    finally:
+        if committer:
+            committer.close()
+    assert valid_id(rec.id)
+    assert store.data_path(rec.id).read_bytes() == b"Subject: x\r\n\r\nbody\r\n"
+    assert not sp.path.exists()  # the spool was renamed into place, not copied
+    loaded = store.load(rec.id)
+    assert loaded is not None
+    assert loaded.sender == "a@b.test" and loaded.arrival == 1000.0 and loaded.size == 20 and loaded.smtputf8
+    # duplicates (case-insensitively) collapse; every recipient starts pending, due now
+    assert [(r.address, r.state, r.next_attempt) for r in loaded.recipients] == [
+        ("x@y.test", "pending", 1000.0), ("z@w.test", "pending", 1000.0)]
+    assert os.listdir(store.spool_tmp) == []
+
+
+def test_recover_discards_half_made_items(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path)
+    good = store.enqueue_bytes(b"m1\r\n", "a@b.test", ["x@y.test"])
+    assert good is not None
+    # envelope whose data never landed (crash between the two renames, never acknowledged)
+    orphan_env = store.enqueue_bytes(b"m2\r\n", "a@b.test", ["x@y.test"])
+    assert orphan_env is not None
+    store.data_path(orphan_env.id).unlink()
+    # data without an envelope: never acknowledged either
+    (store.data / "0000000000000000ABCDEF").write_bytes(b"junk")
+    (store.tmp / "partial").write_bytes(b"{")
+    assert store.recover() == (1, 1)
+    assert sorted(store.ids()) == [good.id]
+    assert os.listdir(store.tmp) == []
+    assert [r.id for r in store.scan()] == [good.id]
+
+
+def test_save_is_atomic_and_never_resurrects_a_deleted_item(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path)
+    rec = store.enqueue_bytes(b"m\r\n", "a@b.test", ["x@y.test"])
+    assert rec is not None
+    rec.recipients[0].state = "delivered"
+    assert store.save(rec)
+    loaded = store.load(rec.id)
+    assert loaded is not None and loaded.recipients[0].state == "delivered"
+    assert os.listdir(store.tmp) == []
+    assert store.remove(rec.id)
+    assert not store.save(rec)  # deleted meanwhile: nothing written
+    assert store.load(rec.id) is None and not store.remove(rec.id)
+
+
+def test_enqueue_bytes_with_explicit_id_is_idempotent(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path)
+    first = store.enqueue_bytes(b"dsn", "", ["a@b.test"], qid="ABCDEF0123456789B0")
+    assert first is not None
+    assert store.enqueue_bytes(b"other", "", ["a@b.test"], qid="ABCDEF0123456789B0") is None
+    assert store.data_path(first.id).read_bytes() == b"dsn"
+
+
+def test_scan_does_not_read_bodies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = QueueStore(tmp_path)
+    for i in range(50):
+        store.enqueue_bytes(b"x" * 1000, "a@b.test", [f"u{i}@y.test"])
+    opened: list[str] = []
+    real_open = Path.read_bytes
+
+    def spy(self: Path) -> bytes:
+        opened.append(str(self))
+        return real_open(self)
+
+    monkeypatch.setattr(Path, "read_bytes", spy)
+    assert len(list(store.scan())) == 50
+    assert opened and all("/env/" in p for p in opened)
+
+
+def test_headers_and_control_requests(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path)
+    rec = store.enqueue_bytes(b"Subject: s\r\nFrom: a@b\r\n\r\nsecret body\r\n", "a@b.test", ["x@y.test"])
+    assert rec is not None
+    assert store.read_headers(rec.id) == b"Subject: s\r\nFrom: a@b\r\n\r\n"
+    store.request("flush")
+    store.request("retry", rec.id)
+    with pytest.raises(QueueError):
+        store.request("flush", "../etc")
+    assert sorted(store.take_requests(), key=str) == sorted([("flush", None), ("retry", rec.id)], key=str)
+    assert store.take_requests() == []
+
+
+def test_envelope_round_trip() -> None:
+    store_rec = EnvelopeRecord("0123456789ABCDEF", "", 1.5, 3, [])
+    assert EnvelopeRecord.from_json(store_rec.to_json()) == store_rec
+    with pytest.raises(ValueError):
+        EnvelopeRecord.from_json(b'{"version": 99}')
