@@ -15,8 +15,9 @@ from .. import __version__
 from ..accounts.db import AccountDB, AccountError
 from ..config import Config, ConfigError, embedded_default, load
 
-console = Console()
-err_console = Console(stderr=True)
+# Outside a terminal (pipes, logs, tests) rich would wrap tables at 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 class State:
