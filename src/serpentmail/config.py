@@ -138,7 +138,7 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1, "": 1, "m": 60, "h": 3600, "d": 86400}
 def parse_size(value: object) -> int:
     if isinstance(value, bool):
         raise ValueError("expected a size like 25MB")
-    if isinstance(value, int):
+    if isinstance(value, int) and value >= 0:
         return value
     if isinstance(value, str):
         m = _SIZE.match(value)
@@ -152,7 +152,7 @@ def parse_size(value: object) -> int:
 def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration like 5m")
-    if isinstance(value, int | float):
+    if isinstance(value, int | float) and value >= 0:
         return float(value)
     if isinstance(value, str):
         m = _DURATION.match(value)
@@ -188,6 +188,13 @@ def _int(value: object) -> int:
     return value
 
 
+def _port(value: object) -> int:
+    port = _int(value)
+    if port > 65535:
+        raise ValueError(f"expected a port number (0-65535), got {value!r}")
+    return port
+
+
 def _str(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {value!r}")
@@ -220,7 +227,7 @@ _SECTIONS: dict[str, dict[str, Any]] = {
     "tls": {"cert": _path, "key": _path},
     "dns": {"nameservers": _list(lambda v: parse_endpoint(v, 53)), "timeout": parse_duration},
     "delivery": {
-        "port": _int,
+        "port": _port,
         "retry_schedule": _list(parse_duration),
         "max_lifetime": parse_duration,
         "delay_warning": parse_duration,
@@ -268,8 +275,8 @@ def _line_of(text: str, section: str | None, key: str) -> int | None:
         m = header.match(line)
         if m:
             current = m.group(1)
-            if section is not None and current == section and key == section:
-                return n
+            if (section is None or current == section) and key == current:
+                return n  # the [table] header itself (an unknown or mistyped section)
             continue
         if current == section and keyline.match(line):
             return n
