@@ -1,0 +1,1 @@
+"""Benchmarks of serpentmail against Postfix and Dovecot (see bench/README.md)."""

@@ -1,0 +1,141 @@
+# ruff: noqa: RUF001  (typographic signs in the report text are intended)
+"""``python -m bench [--quick] [--reps N] [--only SCENARIO ...]``: serpentmail vs Postfix/Dovecot.
+
+See bench/README.md. Writes bench/results/<timestamp>.md, bench/results/latest.md and a PNG
+chart beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from . import report, scenarios
+from .common import Unavailable, raise_nofile
+from .servers import Dovecot, Postfix, Serpent, ensure_packages
+
+RESULTS = Path(__file__).parent / "results"
+ORDER = ["inbound", "latency", "memory", "pop3", "submission"]
+QUICK = ["inbound", "latency", "memory", "pop3", "submission"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="reduced set, under about two minutes")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions per scenario (at least 3 for the report)")
+    ap.add_argument("--only", nargs="*", choices=ORDER, help="run only these scenarios")
+    ap.add_argument("--no-install", action="store_true", help="do not apt-get install missing peers")
+    ap.add_argument("--keep", action="store_true", help="keep the temp directory (logs, mailboxes)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    args = ap.parse_args(argv)
+    console = Console()
+    names = args.only or (QUICK if args.quick else ORDER)
+    started = time.monotonic()
+    nofile = raise_nofile(65536)
+    if nofile < 21000:
+        console.print(f"[yellow]open files limit is {nofile}: the 10,000-connection memory run may fall short[/]")
+
+    peer_errors: dict[str, str] = {}
+    if not args.no_install:
+        try:
+            ensure_packages(console.print)
+        except (Unavailable, OSError) as exc:
+            console.print(f"[yellow]peers unavailable: {exc}[/]")
+    root = Path(tempfile.mkdtemp(prefix="serpentmail-bench-", dir="/var/tmp"))
+    os.chmod(root, 0o755)
+    need_pop3 = "pop3" in names
+    serpent = Serpent(root, pop3=need_pop3 and scenarios.serpent_pop3_available() is None)
+    postfix: Postfix | None = Postfix(root, smtpd_limit=1100)
+    dovecot: Dovecot | None = Dovecot(root) if need_pop3 else None
+    rows: list[scenarios.Row] = []
+    try:
+        serpent.setup()
+        serpent.start()
+        try:
+            assert postfix is not None
+            postfix.setup()
+            postfix.start()
+        except (Unavailable, OSError) as exc:
+            peer_errors["postfix"] = str(exc)
+            console.print(f"[yellow]Postfix not available: {exc}[/]")
+            postfix = None
+        if dovecot is not None:
+            try:
+                dovecot.setup()
+                dovecot.start()
+            except (Unavailable, OSError) as exc:
+                peer_errors["dovecot"] = str(exc)
+                console.print(f"[yellow]Dovecot not available: {exc}[/]")
+                dovecot = None
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                      console=console, transient=False) as progress:
+            task = progress.add_task("starting", total=len(names))
+            for name in names:
+                env = scenarios.Env(root, serpent, postfix, dovecot, args.reps, args.quick,
+                                    lambda text: progress.update(task, description=text), peer_errors)
+                try:
+                    for row in scenarios.ALL[name](env):
+                        rows.append(row)
+                        progress.console.print(_line(row))
+                except Unavailable as exc:
+                    rows.append(scenarios.Row(name, "—", "", True, "", status=f"not available: {exc}"))
+                    progress.console.print(f"[yellow]{name}: not available: {exc}[/]")
+                except Exception as exc:  # report and go on with the other scenarios
+                    rows.append(scenarios.Row(name, "—", "", True, "", status=f"failed: {exc!r}"[:300]))
+                    progress.console.print_exception()
+                progress.advance(task)
+            progress.update(task, description="done")
+    finally:
+        serpent.stop()
+        if postfix is not None:
+            postfix.stop()
+        if dovecot is not None:
+            dovecot.stop()
+        if args.keep:
+            console.print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+    elapsed = time.monotonic() - started
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = "python -m bench" + (" --quick" if args.quick else "") + (f" --reps {args.reps}" if args.reps != 3 else "") \
+        + (f" --only {' '.join(args.only)}" if args.only else "")
+    png = args.out / f"{stamp}.png"
+    has_chart = report.chart(rows, png)
+    text = report.markdown(rows, title=f"serpentmail benchmark {stamp}" + (" (quick)" if args.quick else ""),
+                           command=command, reps=args.reps, elapsed=elapsed)
+    if has_chart:
+        shutil.copyfile(png, args.out / "latest.png")
+        text += f"\n![throughput]({png.name})\n"
+    (args.out / f"{stamp}.md").write_text(text)
+    (args.out / "latest.md").write_text(text.replace(f"]({png.name})", "](latest.png)"))
+    console.print(text, markup=False, highlight=False)
+    console.print(f"written {args.out / f'{stamp}.md'}" + (f" and {png}" if has_chart else " (no chart: pip install matplotlib)"))
+    return 0
+
+
+def _line(row: scenarios.Row) -> str:
+    s = scenarios.summary([x.value for x in row.serpent])
+    p = scenarios.summary([x.value for x in row.other])
+    r = scenarios.summary(row.ratios())
+    parts = [f"[bold]{row.scenario}[/] {row.label}:"]
+    parts.append(f"serpentmail {s[0]:,.2f} {row.unit}" if s else "serpentmail —")
+    parts.append(f"{row.peer} {p[0]:,.2f}" if p else f"{row.peer or 'peer'} —")
+    if r:
+        parts.append(f"ratio {r[0]:.2f}× ({r[1]:.2f}–{r[2]:.2f})")
+    if row.status:
+        parts.append(f"[dim]{row.status}[/]")
+    return " ".join(parts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

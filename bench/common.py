@@ -1,0 +1,186 @@
+"""Helpers shared by the benchmark servers and scenarios: processes, CPU time, memory, ports.
+
+Benchmarks are measurements, not tests: nothing here asserts a time. Absolute figures are
+noisy on a shared machine, which is why scenarios alternate serpentmail and the peer and
+compute the ratio within each repetition.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+# Loopback addresses of the benchmark (distinct from the tests' 127.0.0.x).
+SERPENT_IP = "127.0.7.1"
+POSTFIX_IP = "127.0.7.2"
+DOVECOT_IP = "127.0.7.3"
+SINK_IP = "127.0.7.9"
+
+MAIL_UID = 65534  # nobody: owner of the peers' mailboxes (Postfix/Dovecot refuse root)
+MAIL_GID = 65534
+
+
+class Unavailable(Exception):
+    """A scenario (or one side of it) cannot run on this tree or machine; the report says why."""
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(host: str, port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise Unavailable(f"nothing listening on {host}:{port} after {timeout:.0f}s") from None
+            time.sleep(0.05)
+
+
+def raise_nofile(want: int = 65536) -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = max(soft, min(want, hard if hard != resource.RLIM_INFINITY else want))
+    if os.geteuid() == 0 and hard != resource.RLIM_INFINITY and hard < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            return want
+        except (ValueError, OSError):
+            pass
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return target
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # comm may contain spaces: split after the closing parenthesis.
+    return text[text.rindex(")") + 2 :].split()
+
+
+def proc_cpu(pid: int, *, children: bool = True) -> float:
+    """CPU seconds (user+system, all threads) of ``pid``; with ``children``, plus reaped children."""
+    f = _stat_fields(pid)
+    if f is None:
+        return 0.0
+    # fields after comm: state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14)
+    ticks = int(f[11]) + int(f[12])
+    if children:
+        ticks += int(f[13]) + int(f[14])
+    return ticks / CLK_TCK
+
+
+def descendants(root: int) -> list[int]:
+    """Live descendants of ``root`` (from /proc, one scan)."""
+    parent: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            f = _stat_fields(int(name))
+            if f is not None:
+                parent[int(name)] = int(f[1])
+    out: list[int] = []
+    frontier = [root]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out.extend(kids)
+        frontier.extend(kids)
+    return out
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds of a process tree: the root with its reaped children, plus live descendants.
+
+    Taking the difference of two readings counts every process that ran in between once (a
+    child reaped in between moves from the live sum into the root's cutime with its total).
+    """
+    return proc_cpu(root) + sum(proc_cpu(p) for p in descendants(root))
+
+
+def pss_kib(pid: int) -> int:
+    """Proportional set size (KiB): shared pages split between the processes sharing them."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return rss_kib(pid)
+
+
+def rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def tree_pss_kib(root: int) -> int:
+    return pss_kib(root) + sum(pss_kib(p) for p in descendants(root))
+
+
+def count_files(directory: Path) -> int:
+    try:
+        return sum(1 for _ in os.scandir(directory))
+    except FileNotFoundError:
+        return 0
+
+
+def wait_count(dirs: Iterable[Path], expected: int, *, settle: float = 3.0, timeout: float = 120.0) -> tuple[int, float]:
+    """Poll until ``expected`` files are in ``dirs`` (or no progress for ``settle`` s).
+
+    Returns (count, time.monotonic() when the last file was first seen)."""
+    dirs = list(dirs)
+    deadline = time.monotonic() + timeout
+    last = -1
+    last_change = time.monotonic()
+    while True:
+        n = sum(count_files(d) for d in dirs)
+        now = time.monotonic()
+        if n != last:
+            last, last_change = n, now
+        if n >= expected or now - last_change > settle or now > deadline:
+            return n, last_change
+        time.sleep(0.01)
+
+
+def which(name: str, extra: Iterable[str] = ("/usr/sbin", "/usr/lib/postfix/sbin")) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in extra:
+        p = Path(d) / name
+        if p.exists():
+            return str(p)
+    return None
+
+
+def run(cmd: list[str], *, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=check, text=True, capture_output=True, **kw)  # type: ignore[call-overload, no-any-return]
+
+
+@dataclass
+class Sample:
+    """One measurement of one side in one repetition."""
+
+    value: float  # the headline figure (msg/s, KiB per connection, ms ...)
+    extra: dict[str, float] = field(default_factory=dict)
