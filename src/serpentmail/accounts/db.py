@@ -302,7 +302,7 @@ class AccountDB:
     def resolve(self, address: Address, *, depth: int = 0) -> Resolution:
         """Expand ``address`` into local users and remote targets (aliases followed 10 deep)."""
         key = address.key
-        domain = address.domain
+        domain = address.domain.lower().rstrip(".")  # the catch-all key below is lower-case
         if not self.is_local_domain(domain):
             return Resolution(local=False)
         user = self.get_user(key)

@@ -1,0 +1,174 @@
+"""The SQLite accounts database: domains, users, aliases, catch-all, resolution."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from serpentmail.accounts.db import AccountDB, AccountError, verify_password
+from serpentmail.proto.address import Address, parse_mailbox
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> AccountDB:
+    d = AccountDB(tmp_path / "accounts.sqlite3")
+    d.add_domain("winview.test")
+    d.add_domain("other.test")
+    return d
+
+
+def addr(text: str) -> Address:
+    return parse_mailbox(text)
+
+
+def test_wal_mode(db: AccountDB, tmp_path: Path) -> None:
+    mode = sqlite3.connect(tmp_path / "accounts.sqlite3").execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+
+
+def test_domains_case_insensitive_and_duplicates(db: AccountDB) -> None:
+    assert db.add_domain("Example.TEST.") == "example.test"
+    with pytest.raises(AccountError, match="already exists"):
+        db.add_domain("EXAMPLE.test")
+    assert db.is_local_domain("EXAMPLE.TEST")
+    assert db.list_domains() == ["example.test", "other.test", "winview.test"]
+    db.del_domain("example.test")
+    with pytest.raises(AccountError, match="no such domain"):
+        db.del_domain("example.test")
+
+
+@pytest.mark.parametrize("bad", ["", "no spaces.test x", "-x.test", "a..b", "[127.0.0.1]", "x@y"])
+def test_bad_domains(db: AccountDB, bad: str) -> None:
+    with pytest.raises(AccountError):
+        db.add_domain(bad)
+
+
+def test_users_case_insensitive_and_duplicates(db: AccountDB) -> None:
+    u = db.add_user("Bill@WinView.Test", "secret")
+    assert u.address == "bill@winview.test"
+    with pytest.raises(AccountError, match="already exists"):
+        db.add_user("BILL@winview.test", "x")
+    assert db.resolve(addr("BILL@WINVIEW.TEST")).users == (u,)
+    user, stored = db.password_hash("Bill@winview.test")
+    assert user == u and verify_password(stored, "secret") and not verify_password(stored, "Secret")
+    assert not verify_password(None, "secret")
+
+
+@pytest.mark.parametrize("bad", ["bill", "bill@", "@winview.test", "bi ll@winview.test", "a@b@winview.test"])
+def test_bad_user_addresses(db: AccountDB, bad: str) -> None:
+    with pytest.raises(AccountError, match="invalid address"):
+        db.add_user(bad, "secret")
+
+
+def test_user_in_unknown_domain(db: AccountDB) -> None:
+    with pytest.raises(AccountError, match="unknown domain"):
+        db.add_user("bill@nowhere.test", "secret")
+    with pytest.raises(AccountError, match="unknown domain"):
+        db.add_alias("x@nowhere.test", "bill@winview.test")
+
+
+def test_empty_password(db: AccountDB) -> None:
+    with pytest.raises(AccountError):
+        db.add_user("bill@winview.test", "")
+
+
+def test_del_domain_with_users_needs_force(db: AccountDB) -> None:
+    db.add_user("bill@winview.test", "secret")
+    db.add_alias("info@winview.test", "bill@winview.test")
+    with pytest.raises(AccountError, match="still has 1 user"):
+        db.del_domain("winview.test")
+    db.del_domain("winview.test", force=True)
+    assert db.list_users() == []
+    assert db.list_aliases() == []
+
+
+def test_resolution_kinds(db: AccountDB) -> None:
+    bill = db.add_user("bill@winview.test", "secret")
+    assert db.resolve(addr("bill@winview.test")).users == (bill,)
+    unknown = db.resolve(addr("nobody@winview.test"))
+    assert unknown.local and not unknown.exists
+    foreign = db.resolve(addr("bill@elsewhere.test"))
+    assert not foreign.local and not foreign.exists
+    # address tricks are just unknown local parts
+    for trick in ("bill%elsewhere.test@winview.test", "elsewhere.test!bill@winview.test", '"bill@elsewhere.test"@winview.test'):
+        res = db.resolve(addr(trick))
+        assert res.local and not res.exists, trick
+
+
+def test_alias_chain_and_multiple_targets(db: AccountDB) -> None:
+    bill = db.add_user("bill@winview.test", "secret")
+    ann = db.add_user("ann@other.test", "secret")
+    db.add_alias("sales@winview.test", "team@winview.test")
+    db.add_alias("team@winview.test", "bill@winview.test")
+    db.add_alias("team@winview.test", "ANN@other.test")
+    res = db.resolve(addr("Sales@WinView.test"))
+    assert set(res.users) == {bill, ann}
+    assert res.remote == ()
+    with pytest.raises(AccountError, match="already exists"):
+        db.add_alias("team@winview.test", "bill@winview.test")
+    assert [(a.address, a.targets) for a in db.list_aliases()] == [
+        ("sales@winview.test", ("team@winview.test",)),
+        ("team@winview.test", ("ann@other.test", "bill@winview.test")),
+    ]
+    db.del_alias("team@winview.test", "ann@other.test")
+    assert db.resolve(addr("sales@winview.test")).users == (bill,)
+    with pytest.raises(AccountError, match="no such alias"):
+        db.del_alias("nope@winview.test")
+
+
+def test_remote_targets(db: AccountDB) -> None:
+    bill = db.add_user("bill@winview.test", "secret")
+    db.add_alias("fwd@winview.test", "someone@remote.test")
+    db.add_alias("fwd@winview.test", "bill@winview.test")
+    db.add_alias("fwd2@winview.test", "fwd@winview.test")
+    res = db.resolve(addr("fwd2@winview.test"))
+    assert res.users == (bill,)
+    assert res.remote == ("someone@remote.test",)
+
+
+def test_catch_all(db: AccountDB) -> None:
+    bill = db.add_user("bill@winview.test", "secret")
+    ann = db.add_user("ann@winview.test", "secret")
+    db.add_alias("@WinView.test", "bill@winview.test")
+    db.add_alias("info@winview.test", "ann@winview.test")
+    assert db.resolve(addr("anything@winview.test")).users == (bill,)
+    assert db.resolve(addr("ANN@winview.test")).users == (ann,)  # a real user wins
+    assert db.resolve(addr("info@winview.test")).users == (ann,)  # an explicit alias wins
+    assert not db.resolve(addr("anything@other.test")).exists  # only that domain
+    assert db.resolve(Address("Anything", "WinView.Test")).users == (bill,)
+
+
+def test_alias_loop_terminates(db: AccountDB) -> None:
+    db.add_alias("a@winview.test", "b@winview.test")
+    db.add_alias("b@winview.test", "a@winview.test")
+    res = db.resolve(addr("a@winview.test"))
+    assert res.local and not res.exists
+
+
+def test_addresses_of(db: AccountDB) -> None:
+    bill = db.add_user("bill@winview.test", "secret")
+    db.add_alias("info@winview.test", "bill@winview.test")
+    db.add_alias("@other.test", "bill@winview.test")
+    assert db.addresses_of(bill) == {"bill@winview.test", "info@winview.test"}
+
+
+def test_changes_visible_to_another_connection(db: AccountDB, tmp_path: Path) -> None:
+    other = AccountDB(tmp_path / "accounts.sqlite3")
+    assert not other.resolve(addr("new@winview.test")).exists
+    db.add_user("new@winview.test", "secret")
+    assert other.resolve(addr("new@winview.test")).exists
+    db.del_user("new@winview.test")
+    assert not other.resolve(addr("new@winview.test")).exists
+    with pytest.raises(AccountError, match="no such user"):
+        db.del_user("new@winview.test")
+
+
+def test_passwd(db: AccountDB) -> None:
+    db.add_user("bill@winview.test", "old")
+    db.set_password("BILL@winview.test", "new")
+    _, stored = db.password_hash("bill@winview.test")
+    assert verify_password(stored, "new")
+    with pytest.raises(AccountError):
+        db.set_password("nobody@winview.test", "x")
