@@ -1,0 +1,335 @@
+"""The remote courier against real receiving serpentmail servers and scripted fake MXs.
+
+Everything runs on 127.0.5.x: the sandbox DNS server on 127.0.5.1, exchangers on .2-.9, all
+listening on one shared delivery port (as every MX on the internet listens on 25).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from serpentmail.config import Config, DeliveryConfig, DNSConfig, Endpoint, Listener
+from serpentmail.delivery.base import Envelope, RecipientResult
+from serpentmail.delivery.remote import RemoteCourier, Timeouts
+from serpentmail.sandbox.dns import DNSServer, running_dns
+from tests.helpers import add_user, maildir_files, make_config, running_server
+from tests.integration.fakesmtp import FakeSMTP
+
+DNS_HOST = "127.0.5.1"
+MX = {n: f"127.0.5.{n}" for n in range(2, 10)}
+FAST = Timeouts(connect=1.0, greeting=1.0, helo=2.0, mail=2.0, rcpt=2.0, data_init=2.0,
+                data_block=2.0, data_end=5.0, quit=1.0)
+MESSAGE = (b"From: alice@sender.test\r\nTo: bob@winview.test\r\nSubject: hello\r\n\r\n"
+           b"first line\r\n.leading dot\r\n.\r\n..two dots\r\nlast line\r\n")
+
+
+def _port_free_everywhere(port: int, hosts: list[str]) -> bool:
+    for h in hosts:
+        with socket.socket() as s:
+            try:
+                s.bind((h, port))
+            except OSError:
+                return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def smtp_port() -> int:
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(20000, 60000)
+        if _port_free_everywhere(port, list(MX.values())):
+            return port
+    raise RuntimeError("no common free port")
+
+
+@pytest.fixture
+def dns() -> Iterator[DNSServer]:
+    with running_dns(DNS_HOST, 0, {}) as server:
+        yield server
+
+
+def sender_config(tmp_path: Path, dns: DNSServer, port: int, **delivery: object) -> Config:
+    cfg = make_config(tmp_path / "sender", "127.0.5.20", listeners=(), hostname="out.sender.test")
+    return replace(
+        cfg,
+        dns=DNSConfig(nameservers=(Endpoint(DNS_HOST, dns.port),), timeout=1.0),
+        delivery=DeliveryConfig(port=port, connect_timeout=1.0, **delivery),  # type: ignore[arg-type]
+    )
+
+
+def receiver_config(tmp_path: Path, name: str, host: str, port: int) -> Config:
+    cfg = make_config(tmp_path / name, host, listeners=("smtp",), hostname=f"{name}.winview.test")
+    cfg = replace(cfg, smtp=Listener((Endpoint(host, port),)))
+    add_user(cfg, "bob@winview.test")
+    add_user(cfg, "carol@winview.test")
+    return cfg
+
+
+def envelope(tmp_path: Path, data: bytes = MESSAGE, **kw: object) -> Envelope:
+    path = tmp_path / "msg.eml"
+    path.write_bytes(data)
+    return Envelope(queue_id="Q1", sender="alice@sender.test", data_path=path, size=len(data), **kw)  # type: ignore[arg-type]
+
+
+def deliver(cfg: Config, env: Envelope, rcpts: list[str], seed: int = 1) -> list[RecipientResult]:
+    courier = RemoteCourier(cfg, rng=random.Random(seed), timeouts=FAST)
+    return asyncio.run(courier.deliver(env, rcpts))
+
+
+def two_mx(dns: DNSServer) -> None:
+    dns.add_mx("winview.test", 10, "mx1.winview.test")
+    dns.add_mx("winview.test", 20, "mx2.winview.test")
+    dns.add_a("mx1.winview.test", MX[2])
+    dns.add_a("mx2.winview.test", MX[3])
+
+
+def test_delivers_to_preferred_mx_byte_for_byte(tmp_path: Path, dns: DNSServer, smtp_port: int) -> None:
+    two_mx(dns)
+    mx1 = receiver_config(tmp_path, "mx1", MX[2], smtp_port)
+    mx2 = receiver_config(tmp_path, "mx2", MX[3], smtp_port)
+    with running_server(mx1), running_server(mx2):
+        res = deliver(sender_config(tmp_path, dns, smtp_port), envelope(tmp_path), ["bob@winview.test"])
+    assert [r.status for r in res] == ["delivered"], res
+    assert res[0].remote_mta == "mx1.winview.test"
+    assert res[0].reply.startswith("250")
+    files = maildir_files(mx1, "bob@winview.test")
+    assert len(files) == 1 and maildir_files(mx2, "bob@winview.test") == []
+    data = files[0].read_bytes()
+    assert data.endswith(MESSAGE)
+    # Opportunistic STARTTLS was used (RFC 3848 "with ESMTPS"), and our EHLO name was given.
+    assert b"Received: from out.sender.test" in data and b"with ESMTPS" in data
+
+
+def test_preferred_mx_down_falls_back_to_next(tmp_path: Path, dns: DNSServer, smtp_port: int) -> None:
+    two_mx(dns)
+    mx2 = receiver_config(tmp_path, "mx2", MX[3], smtp_port)
+    with running_server(mx2):  # nothing listens on mx1: connection refused
+        res = deliver(sender_config(tmp_path, dns, smtp_port), envelope(tmp_path), ["bob@winview.test"])
+    assert res[0].status == "delivered" and res[0].remote_mta == "mx2.winview.test", res
+    assert len(maildir_files(mx2, "bob@winview.test")) == 1
+
+
+def test_all_mx_down_defers_with_last_reason(tmp_path: Path, dns: DNSServer, smtp_port: int) -> None:
+    two_mx(dns)
+    res = deliver(sender_config(tmp_path, dns, smtp_port), envelope(tmp_path), ["bob@winview.test", "carol@winview.test"])
+    assert [r.status for r in res] == ["deferred", "deferred"]
+    assert "mx2.winview.test" in res[0].reply and "refused" in res[0].reply.lower(), res[0].reply
+    assert res[0].reply.startswith("451 4.4.1")
+
+
+def test_max_mx_attempts_limits_connections(tmp_path: Path, dns: DNSServer, smtp_port: int) -> None:
+    two_mx(dns)
+
+    async def run() -> list[RecipientResult]:
+        async with FakeSMTP(MX[3], smtp_port) as fake:
+            cfg = sender_config(tmp_path, dns, smtp_port, max_mx_attempts=1)
+            res = await RemoteCourier(cfg, timeouts=FAST).deliver(envelope(tmp_path), ["bob@winview.test"])
+            assert fake.connections == 0
+            return res
+
+    res = asyncio.run(run())
+    assert res[0].status == "deferred" and "mx1.winview.test" in res[0].reply
+
+
+def test_rejected_recipient_among_accepted(tmp_path: Path, dns: DNSServer, smtp_port: int) -> None:
+    two_mx(dns)
+    mx1 = receiver_config(tmp_path, "mx1", MX[2], smtp_port)
+    with running_server(mx1):
+        res = deliver(sender_config(tmp_path, dns, smtp_port), envelope(tmp_path),
+                      ["bob@winview.test", "nobody@winview.test", "carol@winview.test"])
+    assert [r.status for r in res] == ["delivered", "failed", "delivered"], res
+    assert res[1].reply.startswith("550 5.1.1"), res[1].reply
+    assert res[1].remote_mta == "mx1.winview.test" and res[1].diagnostic_type == "smtp"
+    assert len(maildir_files(mx1, "bob@winview.test")) == 1
+    assert len(maildir_files(mx1, "carol@winview.test")) == 1
+
+
+def test_421_greeting_moves_to_next_mx_and_data_is_dot_stuffed(tmp_path: Path, dns: DNSServer, smtp_port: int) -> None:
+    two_mx(dns)
+
+    async def run() -> tuple[list[RecipientResult], FakeSMTP, FakeSMTP]:
+        async with FakeSMTP(MX[2], smtp_port, greeting="421 4.3.2 busy, go away") as busy, \
+                FakeSMTP(MX[3], smtp_port) as good:
+            cfg = sender_config(tmp_path, dns, smtp_port)
+            res = await RemoteCourier(cfg, timeouts=FAST).deliver(envelope(tmp_path), ["bob@winview.test"])
+            return res, busy, good
+
+    res, busy, good = asyncio.run(run())
+    assert busy.connections == 1 and busy.commands == []
+    assert res[0].status == "delivered" and res[0].remote_mta == "mx2.winview.test"
+    # No CHUNKING offered: DATA, with every line that starts with "." stuffed.
+    assert good.verbs == ["EHLO", "MAIL", "RCPT", "DATA", "QUIT"]
+    assert good.raw_data == [MESSAGE.replace(b"\r\n.", b"\r\n..") + b".\r\n"]
+    assert good.commands[1] == "MAIL FROM:<alice@sender.test> SIZE=%d" % len(MESSAGE)
+
+
+def test_greeting_timeout_moves_on(tmp_path: Path, dns: DNSServer, smtp_port: int) -> None:
+    two_mx(dns)
+
+    async def run() -> list[RecipientResult]:
+        async with FakeSMTP(MX[2], smtp_port, silent=True), FakeSMTP(MX[3], smtp_port):
+            cfg = sender_config(tmp_path, dns, smtp_port)
+            courier = RemoteCourier(cfg, timeouts=replace(FAST, greeting=0.3))
+            return await courier.deliver(envelope(tmp_path), ["bob@winview.test"])
+
+    res = asyncio.run(run())
+    assert res[0].status == "delivered" and res[0].remote_mta == "mx2.winview.test", res
+
+
+def test_ehlo_refused_falls_back_to_helo_and_4xx_rcpt_defers(tmp_path: Path, dns: DNSServer, smtp_port: int) -> None:
+    dns.add_mx("winview.test", 10, "mx1.winview.test")
+    dns.add_a("mx1.winview.test", MX[2])
+
+    async def run() -> tuple[list[RecipientResult], FakeSMTP]:
+        async with FakeSMTP(MX[2], smtp_port, ehlo_reply="502 5.5.1 what is EHLO",
+                            rcpt_replies={"carol@winview.test": "452 4.2.2 mailbox full, try later"}) as fake:
+            cfg = sender_config(tmp_path, dns, smtp_port)
+            res = await RemoteCourier(cfg, timeouts=FAST).deliver(
+                envelope(tmp_path), ["bob@winview.test", "carol@winview.test"])
+            return res, fake
+
+    res, fake = asyncio.run(run())
+    # No PIPELINING after HELO: one RCPT at a time; no SIZE parameter either.
+    assert fake.verbs == ["EHLO", "HELO", "MAIL", "RCPT", "RCPT", "DATA", "QUIT"]
+    assert fake.commands[2] == "MAIL FROM:<alice@sender.test>"
+    assert [r.status for r in res] == ["delivered", "deferred"]
+    assert res[1].reply == "452 4.2.2 mailbox full, try later"
+
+
+def test_mail_from_5xx_fails_every_recipient(tmp_path: Path, dns: DNSServer, smtp_port: int) -> None:
+    dns.add_a("winview.test", MX[2])  # implicit MX
+
+    async def run() -> list[RecipientResult]:
+        async with FakeSMTP(MX[2], smtp_port, mail_reply="550 5.7.1 sender blocked"):
+            cfg = sender_config(tmp_path, dns, smtp_port)
+            return await RemoteCourier(cfg, timeouts=FAST).deliver(envelope(tmp_path), ["bob@winview.test", "x@winview.test"])
+
+    res = asyncio.run(run())
+    assert [(r.status, r.reply) for r in res] == [("failed", "550 5.7.1 sender blocked")] * 2
+
+
+def test_message_bigger_than_size_fails_without_sending(tmp_path: Path, dns: DNSServer, smtp_port: int) -> None:
+    dns.add_a("winview.test", MX[2])
+
+    async def run() -> tuple[list[RecipientResult], FakeSMTP]:
+        async with FakeSMTP(MX[2], smtp_port, extensions=("PIPELINING", "SIZE 50")) as fake:
+            cfg = sender_config(tmp_path, dns, smtp_port)
+            res = await RemoteCourier(cfg, timeouts=FAST).deliver(envelope(tmp_path), ["bob@winview.test"])
+            return res, fake
+
+    res, fake = asyncio.run(run())
+    assert res[0].status == "failed" and res[0].reply.startswith("552 5.3.4"), res
+    assert "MAIL" not in fake.verbs and fake.raw_data == []
+
+
+def test_loops_back_to_myself(tmp_path: Path, dns: DNSServer, smtp_port: int) -> None:
+    dns.add_mx("winview.test", 10, "out.sender.test")  # our own hostname is the best MX
+    dns.add_a("out.sender.test", MX[4])
+    res = deliver(sender_config(tmp_path, dns, smtp_port), envelope(tmp_path), ["bob@winview.test"])
+    assert res[0].status == "failed" and res[0].reply == "554 5.4.6 mail for winview.test loops back to myself"
+
+
+def test_loops_back_by_listen_address_and_backup_mx_tries_only_better(tmp_path: Path, dns: DNSServer, smtp_port: int) -> None:
+    dns.add_mx("winview.test", 10, "mx1.winview.test")
+    dns.add_mx("winview.test", 20, "backup.winview.test")
+    dns.add_a("mx1.winview.test", MX[2])
+    dns.add_a("backup.winview.test", MX[5])
+    cfg = sender_config(tmp_path, dns, smtp_port)
+    # We listen on the best MX's address: a loop.
+    me_best = replace(cfg, smtp=Listener((Endpoint(MX[2], smtp_port),)))
+    res = deliver(me_best, envelope(tmp_path), ["bob@winview.test"])
+    assert res[0].status == "failed" and "loops back to myself" in res[0].reply
+    # We are the backup MX: only the better one is tried (down here), never ourselves.
+    me_backup = replace(cfg, smtp=Listener((Endpoint(MX[5], smtp_port),)))
+    res = deliver(me_backup, envelope(tmp_path), ["bob@winview.test"])
+    assert res[0].status == "deferred" and "mx1.winview.test" in res[0].reply
+
+
+@pytest.mark.parametrize("kind", ["nxdomain", "null"])
+def test_nxdomain_and_null_mx_fail_at_once(tmp_path: Path, dns: DNSServer, smtp_port: int, kind: str) -> None:
+    if kind == "null":
+        dns.add_null_mx("winview.test")
+    res = deliver(sender_config(tmp_path, dns, smtp_port), envelope(tmp_path), ["bob@winview.test", "c@winview.test"])
+    assert [r.status for r in res] == ["failed", "failed"]
+    if kind == "null":
+        assert res[0].reply.startswith("556 5.1.10")
+    else:
+        assert res[0].reply.startswith("550 5.1.2 Host or domain name not found")
+        assert "couldn't find host named winview.test" in res[0].reply
+    assert res[0].remote_mta is None and res[0].diagnostic_type == "x-local"
+
+
+def test_dns_servfail_defers(tmp_path: Path, dns: DNSServer, smtp_port: int) -> None:
+    dns.set_mode("winview.test", "servfail")
+    res = deliver(sender_config(tmp_path, dns, smtp_port), envelope(tmp_path), ["bob@winview.test"])
+    assert res[0].status == "deferred" and res[0].reply.startswith("451 4.4.3"), res
+
+
+def test_relay_smart_host_with_auth_login(tmp_path: Path, dns: DNSServer, smtp_port: int) -> None:
+    # No DNS records at all: with a relay, no MX lookup happens.
+    async def run() -> tuple[list[RecipientResult], FakeSMTP]:
+        async with FakeSMTP(MX[6], smtp_port + 1, auth={"relayuser": "s3cret"}, auth_mechanisms="LOGIN",
+                            extensions=("PIPELINING", "SIZE 1000000", "CHUNKING"),
+                            rcpt_replies={"x@far.test": "550 5.1.1 unknown"}) as fake:
+            cfg = sender_config(tmp_path, dns, smtp_port, relay=Endpoint(MX[6], smtp_port + 1),
+                                relay_username="relayuser", relay_password="s3cret", relay_tls="none")
+            res = await RemoteCourier(cfg, timeouts=FAST).deliver(envelope(tmp_path), ["bob@far.test", "x@far.test"])
+            return res, fake
+
+    res, fake = asyncio.run(run())
+    assert fake.auth_seen == [("LOGIN", "relayuser")]
+    assert [r.status for r in res] == ["delivered", "failed"], res
+    # CHUNKING offered: BDAT, no dot-stuffing.
+    assert fake.verbs[-2] == "BDAT" and b"".join(fake.chunks) == MESSAGE
+    assert dns.queries == []
+
+
+def test_relay_requires_starttls_when_configured(tmp_path: Path, dns: DNSServer, smtp_port: int) -> None:
+    async def run() -> tuple[list[RecipientResult], FakeSMTP]:
+        async with FakeSMTP(MX[6], smtp_port + 1, auth={"u": "p"}) as fake:
+            cfg = sender_config(tmp_path, dns, smtp_port, relay=Endpoint(MX[6], smtp_port + 1),
+                                relay_username="u", relay_password="p", relay_tls="starttls")
+            res = await RemoteCourier(cfg, timeouts=FAST).deliver(envelope(tmp_path), ["bob@far.test"])
+            return res, fake
+
+    res, fake = asyncio.run(run())
+    assert res[0].status == "deferred" and "4.7.10" in res[0].reply, res
+    assert fake.auth_seen == [] and "MAIL" not in fake.verbs  # no password in the clear
+
+
+def test_relay_through_serpentmail_submission_with_starttls_and_auth_plain(tmp_path: Path, dns: DNSServer) -> None:
+    cfg = make_config(tmp_path / "relay", MX[7], listeners=("submission",), hostname="relay.winview.test")
+    add_user(cfg, "alice@winview.test", "pw-alice")
+    add_user(cfg, "bob@winview.test")
+    sub = cfg.submission.listen[0]
+    with running_server(cfg):
+        sender = sender_config(tmp_path, dns, 25, relay=Endpoint(sub.host, sub.port),
+                               relay_username="alice@winview.test", relay_password="pw-alice", relay_tls="starttls")
+        env = replace(envelope(tmp_path), sender="alice@winview.test")
+        res = deliver(sender, env, ["bob@winview.test"])
+        bad = replace(sender, delivery=replace(sender.delivery, relay_password="wrong"))
+        res_bad = deliver(bad, env, ["bob@winview.test"])
+    assert res[0].status == "delivered", res
+    assert maildir_files(cfg, "bob@winview.test")[0].read_bytes().endswith(MESSAGE)
+    assert res_bad[0].status == "deferred" and res_bad[0].reply.startswith("535"), res_bad
+
+
+def test_unexpected_error_is_deferred_not_raised(tmp_path: Path, dns: DNSServer, smtp_port: int) -> None:
+    dns.add_a("winview.test", MX[2])
+    env = replace(envelope(tmp_path), data_path=tmp_path / "missing.eml")
+
+    async def run() -> list[RecipientResult]:
+        async with FakeSMTP(MX[2], smtp_port):
+            cfg = sender_config(tmp_path, dns, smtp_port)
+            return await RemoteCourier(cfg, timeouts=FAST).deliver(env, ["bob@winview.test"])
+
+    res = asyncio.run(run())
+    assert res[0].status == "deferred" and res[0].reply.startswith("451"), res
