@@ -168,7 +168,7 @@ def test_421_greeting_moves_to_next_mx_and_data_is_dot_stuffed(tmp_path: Path, d
     # No CHUNKING offered: DATA, with every line that starts with "." stuffed.
     assert good.verbs == ["EHLO", "MAIL", "RCPT", "DATA", "QUIT"]
     assert good.raw_data == [MESSAGE.replace(b"\r\n.", b"\r\n..") + b".\r\n"]
-    assert good.commands[1] == "MAIL FROM:<alice@sender.test> SIZE=%d" % len(MESSAGE)
+    assert good.commands[1] == f"MAIL FROM:<alice@sender.test> SIZE={len(MESSAGE)}"
 
 
 def test_greeting_timeout_moves_on(tmp_path: Path, dns: DNSServer, smtp_port: int) -> None:
