@@ -10,6 +10,7 @@ started. State lives in the sandbox directory: ``spec.json`` (what to run), ``st
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +168,33 @@ def sandbox_down(directory: str) -> int:
         fail(f"no sandbox running in {root}")
     click.echo(f"sandbox in {root} stopped")
     return 0
+
+
+@cli.command()
+@click.option("--step", "last_step", type=click.IntRange(1, 8), default=8, show_default=True,
+              help="Stop after this step.")
+@click.option("--keep", is_flag=True, help="Leave the sandbox running afterwards (its directory is printed).")
+@click.option("--base", default="127.11", show_default=True, help="First two octets of the demo's 127.x addresses.")
+def demo(last_step: int, keep: bool, base: str) -> int:
+    """Run the mission's story (two providers, DNS, MX fallback, POP3, bounces) and narrate it."""
+    from ..sandbox.demo import Demo
+
+    show = Demo(console, base=base)
+    console.rule("serpentmail demo: how email works, for real, on this machine")
+    try:
+        with console.status("starting the sandbox: DNS, yahoo.test, winview.test (mx1 down, mx2 up)"):
+            show.start()
+    except SandboxError as exc:
+        stop_detached(show.root)
+        fail(f"cannot start the demo sandbox: {exc}")
+    console.print(endpoints_table(show.state))
+    try:
+        ok = show.run(last_step)
+    finally:
+        if not keep:
+            stop_detached(show.root)
+            shutil.rmtree(show.root, ignore_errors=True)
+    console.print(show.summary_table())
+    if keep:
+        console.print(f"sandbox left running in {show.root}; stop it with: serpentmail sandbox down --dir {show.root}")
+    return 0 if ok else 1
