@@ -20,7 +20,14 @@ from serpentmail.accounts.db import AccountDB
 from serpentmail.config import Config
 from serpentmail.server.pop3 import start_pop3_listeners
 from serpentmail.storage.maildir import deliver_bytes, maildir_for
-from tests.helpers import ServerThread, add_user, free_port, maildir_files, make_config, running_server
+from tests.helpers import (
+    ServerThread,
+    add_user,
+    free_port,
+    maildir_files,
+    make_config,
+    running_server,
+)
 
 BILL, ANN = "bill@winview.test", "ann@winview.test"
 
