@@ -202,6 +202,9 @@ class DNSResolver:
             # RFC 7505 §3: the single MX with exchange "." says "this domain accepts no mail".
             return MXResult(domain, "null", reason=f"Domain {domain} does not accept mail (null MX)")
         # RFC 7505 §3 forbids mixing a null MX with others; if it happens, ignore the ".".
+        # Canonical order first (DNS answers come in any order), so the injected rng alone
+        # decides how equal preferences are arranged.
+        real.sort()
         self.rng.shuffle(real)
         real.sort(key=lambda pm: pm[0])  # stable: equal preferences stay shuffled
         found = await asyncio.gather(*(self.resolve_host(name) for _, name in real))
