@@ -28,8 +28,10 @@ log = logging.getLogger("serpentmail.server")
 class OutboundQueue(Protocol):
     """Where messages for recipients that are not delivered right away go (the queue issue)."""
 
-    async def enqueue(self, spool: SpoolFile, sender: str, recipients: list[str]) -> str:
-        """Make ``spool`` a durable queue item; return its id only once it is on disk."""
+    async def enqueue(self, spool: SpoolFile, sender: str, recipients: list[str], *,
+                      smtputf8: bool = False, body_8bit: bool = False) -> str:
+        """Make ``spool`` a durable queue item; return its id only once it is on disk.
+        ``smtputf8``: the client used SMTPUTF8 (RFC 6531), so the relay must too."""
         ...
 
 

@@ -396,7 +396,7 @@ class SMTPSession(asyncio.Protocol):
                 if txn.postmaster_fallback:
                     recipients.append("postmaster@" + self.ctx.config.hostname)
                 assert self.ctx.outbound is not None
-                qid = await self.ctx.outbound.enqueue(spool, sender, recipients)
+                qid = await self.ctx.outbound.enqueue(spool, sender, recipients, smtputf8=engine.smtputf8)
                 txn.spool = None
                 status = "queued"
             else:
