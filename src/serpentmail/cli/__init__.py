@@ -13,7 +13,7 @@ from . import accounts as _accounts  # noqa: F401  (registers commands)
 from . import serve as _serve  # noqa: F401
 from .app import cli
 
-for _optional in ("queue", "send", "sandbox", "fetch"):
+for _optional in ("queue", "send", "sandbox", "fetch", "mx"):
     try:
         __import__(f"{__name__}.{_optional}")
     except ModuleNotFoundError as _exc:  # a command module not written yet

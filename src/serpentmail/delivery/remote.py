@@ -236,7 +236,7 @@ class RemoteCourier:
             case "tempfail":
                 return [], RecipientResult("", "deferred", f"451 4.4.3 {mx.reason}", diagnostic_type="x-local"), mx
         exchangers = list(mx.exchangers)
-        mine = self._own_rank(exchangers)
+        mine = self.own_rank(exchangers)
         if mine is not None:
             if mine <= exchangers[0].preference:
                 # RFC 5321 §5.1 / Postfix: we are the best MX, so delivering would loop.
@@ -251,7 +251,7 @@ class RemoteCourier:
         return {ep.host for ep in self.config.smtp.listen
                 if ep.port == port and ep.host not in ("0.0.0.0", "::", "")}
 
-    def _own_rank(self, exchangers: Iterable[Any]) -> int | None:
+    def own_rank(self, exchangers: Iterable[Any]) -> int | None:
         """The preference at which this server itself appears among the exchangers, or None."""
         mine = self.own_addresses()
         me = self.config.hostname.lower().rstrip(".")
