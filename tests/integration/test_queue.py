@@ -301,3 +301,75 @@ def test_sigkill_with_200_queued_then_each_delivered_exactly_once(tmp_path: Path
             assert sink.accepted[("ok@far.test", mid)] == 1, mid
             assert sink.accepted[("later@far.test", mid)] == 1, mid
         assert sum(sink.accepted.values()) == 2 * n_msgs
+
+
+def _wait_idle_queue(cfg: Config) -> None:
+    _wait(lambda: not list(QueueStore(cfg.data_dir).ids()))
+
+
+@needs_remote
+def test_nxdomain_bounces_at_once_and_null_sender_is_never_bounced(tmp_path: Path) -> None:
+    with world(tmp_path, 4) as (sink, dns):
+        cfg = _server_config(tmp_path, 4, sink, dns)
+        add_user(cfg, "bill@home.test", "billpw")
+        db = AccountDB(cfg.db_path)
+        db.add_alias("fwd@home.test", "gone@nx.test")
+        db.close()
+        with running_server(cfg) as srv:
+            with smtplib.SMTP(*srv.endpoint("submission"), timeout=10) as c:
+                c.ehlo("client.test")
+                c.starttls(context=_tls())
+                c.ehlo("client.test")
+                c.login("bill@home.test", "billpw")
+                c.sendmail("bill@home.test", ["someone@nx.test"], b"Subject: a\r\n\r\nx\r\n")
+            _wait(lambda: bool(maildir_files(cfg, "bill@home.test")))
+            _wait_idle_queue(cfg)
+            # A bounce arriving on the MX (null sender) for an alias whose target does not
+            # exist: it fails too, and is dropped with a log line, never bounced again.
+            with smtplib.SMTP(*srv.endpoint("smtp"), timeout=10) as c:
+                c.ehlo("client.test")
+                c.sendmail("<>", ["fwd@home.test"], b"Subject: bounce\r\n\r\nx\r\n")
+            _wait_idle_queue(cfg)
+            time.sleep(0.3)
+        files = maildir_files(cfg, "bill@home.test")
+        assert len(files) == 1
+        msg = email.message_from_bytes(files[0].read_bytes())
+        text = msg.get_payload()[0].get_payload(decode=True).decode()  # type: ignore[index,union-attr]
+        assert "<someone@nx.test>: Couldn't find host named nx.test" in text
+        assert msg.get_payload()[1].get_payload()[1]["Action"] == "failed"  # type: ignore[index,union-attr]
+        assert not (cfg.data_dir / "mail" / "postmaster" / "new").exists() or not list(
+            (cfg.data_dir / "mail" / "postmaster" / "new").iterdir())
+        assert sum(sink.accepted.values()) == 0
+
+
+@needs_remote
+def test_cli_flush_reaches_a_running_server(tmp_path: Path) -> None:
+    from serpentmail.cli import main
+
+    with world(tmp_path, 5) as (sink, dns):
+        cfg = _server_config(tmp_path, 5, sink, dns)
+        cfg = replace(cfg, delivery=replace(cfg.delivery, retry_schedule=(3600.0,)))
+        add_user(cfg, "bill@home.test")
+        db = AccountDB(cfg.db_path)
+        db.add_alias("fwd@home.test", "later@far.test")
+        db.close()
+        conf = tmp_path / "mail.toml"
+        _toml(cfg, conf)
+        sink.rcpt_replies["later@far.test"] = "451 4.3.0 come back later"
+        with running_server(cfg) as srv:
+            with smtplib.SMTP(*srv.endpoint("smtp"), timeout=10) as c:
+                c.ehlo("client.test")
+                c.sendmail("a@b.test", ["fwd@home.test"], b"Message-ID: <f1@b.test>\r\n\r\nx\r\n")
+            store = QueueStore(cfg.data_dir)
+
+            def tried() -> bool:
+                recs = list(store.scan())
+                return len(recs) == 1 and recs[0].recipients[0].attempts == 1
+
+            _wait(tried)
+            del sink.rcpt_replies["later@far.test"]
+            time.sleep(1.2)
+            assert sink.accepted[("later@far.test", "<f1@b.test>")] == 0  # next try is an hour away
+            assert main(["-c", str(conf), "queue", "flush"]) == 0
+            _wait_idle_queue(cfg)
+        assert sink.accepted[("later@far.test", "<f1@b.test>")] == 1
