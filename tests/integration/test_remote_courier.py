@@ -333,3 +333,50 @@ def test_unexpected_error_is_deferred_not_raised(tmp_path: Path, dns: DNSServer,
 
     res = asyncio.run(run())
     assert res[0].status == "deferred" and res[0].reply.startswith("451"), res
+
+
+def test_large_message_streams_in_several_bdat_chunks(tmp_path: Path, dns: DNSServer, smtp_port: int) -> None:
+    dns.add_a("winview.test", MX[2])
+    mx = receiver_config(tmp_path, "mx1", MX[2], smtp_port)
+    line = b"." + b"x" * 1021 + b"\r\n"  # 1 KiB lines, each starting with a dot
+    big = b"Subject: big\r\n\r\n" + line * 2600  # ~2.6 MiB: three 1 MiB chunks
+    with running_server(mx):
+        res = deliver(sender_config(tmp_path, dns, smtp_port), envelope(tmp_path, big), ["bob@winview.test"])
+    assert res[0].status == "delivered", res
+    assert maildir_files(mx, "bob@winview.test")[0].read_bytes().endswith(big)
+
+
+def test_tls_verify_domains_require_a_verified_certificate(tmp_path: Path, dns: DNSServer, smtp_port: int) -> None:
+    dns.add_a("winview.test", MX[2])
+    cfg = sender_config(tmp_path, dns, smtp_port, tls_verify_domains=("winview.test",))
+    mx = receiver_config(tmp_path, "mx1", MX[2], smtp_port)
+    with running_server(mx):  # STARTTLS with a self-signed certificate: verification fails
+        res = deliver(cfg, envelope(tmp_path), ["bob@winview.test"])
+    assert res[0].status == "deferred" and res[0].reply.startswith("451 4.7.5"), res
+    assert maildir_files(mx, "bob@winview.test") == []
+
+    async def no_starttls() -> tuple[list[RecipientResult], FakeSMTP]:
+        async with FakeSMTP(MX[2], smtp_port) as fake:
+            res = await RemoteCourier(cfg, timeouts=FAST).deliver(envelope(tmp_path), ["bob@winview.test"])
+            return res, fake
+
+    res, fake = asyncio.run(no_starttls())
+    assert res[0].status == "deferred" and "4.7.10" in res[0].reply and "MAIL" not in fake.verbs
+
+
+def test_non_ascii_recipient_needs_smtputf8(tmp_path: Path, dns: DNSServer, smtp_port: int) -> None:
+    dns.add_a("winview.test", MX[2])
+
+    async def run(ext: tuple[str, ...]) -> tuple[list[RecipientResult], FakeSMTP]:
+        async with FakeSMTP(MX[2], smtp_port, extensions=ext) as fake:
+            cfg = sender_config(tmp_path, dns, smtp_port)
+            env = envelope(tmp_path, smtputf8=True)
+            res = await RemoteCourier(cfg, timeouts=FAST).deliver(env, ["bob@winview.test", "jürgen@winview.test"])
+            return res, fake
+
+    res, fake = asyncio.run(run(("PIPELINING",)))
+    assert [r.status for r in res] == ["delivered", "failed"] and res[1].reply.startswith("553 5.6.7")
+    assert fake.commands[1] == "MAIL FROM:<alice@sender.test>"
+    res, fake = asyncio.run(run(("PIPELINING", "SMTPUTF8")))
+    assert [r.status for r in res] == ["delivered", "delivered"]
+    assert fake.commands[1] == "MAIL FROM:<alice@sender.test> SMTPUTF8"
