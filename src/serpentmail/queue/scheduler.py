@@ -201,8 +201,12 @@ class Scheduler:
                     log.exception("reading queue control requests failed")
             self._dispatch()
             timeout = self.poll_interval
-            if self._heap and len(self._active) < self.delivery.max_concurrency:
-                timeout = max(0.0, min(timeout, self._heap[0][0] - self.clock()))
+            if self._heap:
+                until_due = self._heap[0][0] - self.clock()
+                # Something due but not started means every slot it could use is taken: a
+                # finishing delivery sets the wake event, so do not spin until then.
+                if until_due > 0:
+                    timeout = min(timeout, until_due)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.01))
