@@ -384,3 +384,34 @@ def test_twenty_thousand_messages_list_from_names_only(tmp_path: Path) -> None:
         assert p.top(5, 0)[1][0] == b"Subject: 4"
         assert elapsed < 10, elapsed
         p.close()
+
+
+def test_client_that_stops_reading_mid_retr_is_dropped_and_lock_released(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "127.0.3.17", pop3_idle_timeout=1.0)
+    content = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 20_000  # 20 MB
+    deliver_bytes(cfg.data_dir, [_maildir(cfg, BILL)], content)
+    deliver_bytes(cfg.data_dir, [_maildir(cfg, BILL)], b"Subject: small\r\n\r\nx\r\n")
+    with running_server(cfg) as srv:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(10)
+        s.connect(srv.endpoint("pop3"))
+        s.sendall(b"USER bill@winview.test\r\nPASS bill-pw\r\nDELE 2\r\nRETR 1\r\n")
+        got = b""
+        while f"+OK {len(content)} octets".encode() not in got:
+            got += s.recv(256)
+        t0 = time.monotonic()
+        try:
+            deadline = time.monotonic() + 15
+            while True:  # the stalled session holds the lock until the server gives up on it
+                try:
+                    p = _login(srv)
+                    break
+                except poplib.error_proto as exc:
+                    assert b"IN-USE" in exc.args[0] and time.monotonic() < deadline
+                    time.sleep(0.2)
+            assert time.monotonic() - t0 >= 0.9  # held until the 1 s write timeout, not before
+            assert p.stat()[0] == 2  # the DELE of the dropped session was not applied
+            p.quit()
+        finally:
+            s.close()

@@ -309,7 +309,17 @@ class POP3Session(asyncio.Protocol):
                 self._flush()
                 if not more:
                     break
-                await self._writable.wait()
+                if not self._writable.is_set():
+                    try:
+                        # A client that stops reading is idle too (RFC 1939 §3 autologout).
+                        await asyncio.wait_for(self._writable.wait(), self.ctx.config.limits.pop3_idle_timeout)
+                    except TimeoutError:
+                        log_event(log, "write timeout", client=self.ip, user=self.user_address)
+                        engine.close()
+                        self._closing = True
+                        if self.transport is not None:
+                            self.transport.abort()
+                        break
                 if self._closing:
                     break
                 piece = await loop.run_in_executor(None, f.read, CHUNK)
