@@ -415,3 +415,17 @@ def test_client_that_stops_reading_mid_retr_is_dropped_and_lock_released(tmp_pat
             p.quit()
         finally:
             s.close()
+
+
+def test_server_shutdown_tells_idle_sessions_and_applies_nothing(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "127.0.3.18")
+    deliver_bytes(cfg.data_dir, [_maildir(cfg, BILL)], b"Subject: x\r\n\r\nx\r\n")
+    srv = ServerThread(cfg).start()
+    try:
+        p = _login(srv)
+        assert p.dele(1).startswith(b"+OK")
+    finally:
+        srv.stop()
+    assert p.file.readline() == b"-ERR [SYS/TEMP] Server shutting down\r\n"
+    p.close()
+    assert len(maildir_files(cfg, BILL, "new")) == 1
