@@ -204,3 +204,28 @@ def test_brute_force_is_throttled(tmp_path: Path) -> None:
         with pytest.raises(smtplib.SMTPAuthenticationError) as exc:
             _login(srv)
         assert exc.value.smtp_code == 454
+
+
+def test_remote_recipient_is_queued_durably_with_its_body_type(tmp_path: Path) -> None:
+    """A remote recipient goes to the outbound queue (committed before the 250), with the
+    SMTPUTF8/8BITMIME facts the courier needs. DNS points at a dead loopback port, so the item
+    stays queued and nothing leaves the machine."""
+    from serpentmail.config import DNSConfig, Endpoint
+    from serpentmail.queue.store import QueueStore
+
+    cfg = make_config(tmp_path / "data", "127.0.8.3", dns=DNSConfig(nameservers=(Endpoint("127.0.8.3", 9),), timeout=0.5))
+    add_user(cfg, "bill@yahoo.test", "billpw")
+    with running_server(cfg) as srv, _login(srv) as c:
+        c.mail("bill@yahoo.test", ["BODY=8BITMIME", "SMTPUTF8"])
+        assert c.rcpt("grüße@winview.test")[0] == 250
+        code, text = c.data("Subject: é\r\n\r\nnaïve\r\n".encode())
+        assert code == 250, text
+        qid = text.decode().rsplit(" ", 1)[1]
+        records = {r.id: r for r in QueueStore(cfg.data_dir).scan()}
+    rec = records[qid]
+    assert rec.sender == "bill@yahoo.test"
+    assert [r.address for r in rec.recipients] == ["grüße@winview.test"]
+    assert rec.smtputf8 and rec.body_8bit
+    data = QueueStore(cfg.data_dir).data_path(qid).read_bytes()
+    assert not data.startswith(b"Return-Path:")  # added only at final delivery (RFC 5321 §4.4)
+    assert data.endswith("naïve\r\n".encode())

@@ -191,6 +191,7 @@ class SMTPServerConnection:
         self.authenticated_as: str | None = None
         self.sender: Address | None = None
         self.smtputf8 = False
+        self.body_8bit = False  # RFC 6152: BODY=8BITMIME declared for this transaction
         self.recipients: list[Address] = []
         self.errors = 0
         self._buf = bytearray()
@@ -270,6 +271,7 @@ class SMTPServerConnection:
                 if reply.is_positive:
                     self.sender = ev.address
                     self.smtputf8 = ev.smtputf8
+                    self.body_8bit = ev.body == "8BITMIME"
             case RcptTo():
                 if reply.is_positive:
                     self.recipients.append(ev.address)
@@ -314,6 +316,7 @@ class SMTPServerConnection:
     def _end_transaction(self) -> None:
         self.sender = None
         self.smtputf8 = False
+        self.body_8bit = False
         self.recipients = []
         self._bdat_started = False
         self._bdat_failed = None

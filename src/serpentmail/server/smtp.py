@@ -396,7 +396,8 @@ class SMTPSession(asyncio.Protocol):
                 if txn.postmaster_fallback:
                     recipients.append("postmaster@" + self.ctx.config.hostname)
                 assert self.ctx.outbound is not None
-                qid = await self.ctx.outbound.enqueue(spool, sender, recipients, smtputf8=engine.smtputf8)
+                qid = await self.ctx.outbound.enqueue(spool, sender, recipients, smtputf8=engine.smtputf8,
+                                                         body_8bit=engine.body_8bit)
                 txn.spool = None
                 status = "queued"
             else:
