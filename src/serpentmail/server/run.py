@@ -147,6 +147,11 @@ def _drop_privileges(username: str, cfg: Config) -> None:
     os.setgid(pw.pw_gid)
     os.setuid(pw.pw_uid)
     log_event(log, "dropped privileges", user=username)
+    # The data directory must stay reachable as the new user (every parent searchable), or
+    # the first mailbox write would fail much later; say so now, in one line.
+    if not os.access(cfg.data_dir, os.R_OK | os.W_OK | os.X_OK):
+        raise StartupError(f"config key 'user': user {username!r} cannot read and write data_dir "
+                           f"{cfg.data_dir} (check the permissions of it and its parent directories)")
 
 
 def install_event_loop_policy() -> None:
