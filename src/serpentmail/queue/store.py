@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..storage.maildir import CommitJob, Committer, SpoolFile, fsync_dir
+from ..storage.maildir import Committer, SpoolFile, commit_async, fsync_dir
 
 RecipientState = Literal["pending", "delivered", "failed"]
 ENVELOPE_VERSION = 1
@@ -189,12 +189,9 @@ class QueueStore:
             await asyncio.get_running_loop().run_in_executor(None, _commit_sync, jobs)
             return record
         loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[None]] = []
-        for sp, target in jobs:
-            fut: asyncio.Future[None] = loop.create_future()
-            futures.append(fut)
-            self.committer.submit(CommitJob(sp, [target], _settler(loop, fut), keep_spool=True))
-        results = await asyncio.gather(*futures, return_exceptions=True)
+        committer = self.committer
+        results = await asyncio.gather(*(commit_async(committer, sp, [target], keep_spool=True) for sp, target in jobs),
+                                       return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             await loop.run_in_executor(None, self.remove, qid)
@@ -358,21 +355,6 @@ class QueueStore:
             if action in ("flush", "retry") and (target == "ALL" or valid_id(target)):
                 out.append((action, None if target == "ALL" else target))
         return out
-
-
-def _settler(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]) -> Any:
-    def done(err: BaseException | None) -> None:
-        loop.call_soon_threadsafe(_settle, fut, err)
-    return done
-
-
-def _settle(fut: asyncio.Future[None], err: BaseException | None) -> None:
-    if fut.done():
-        return
-    if err is None:
-        fut.set_result(None)
-    else:
-        fut.set_exception(err)
 
 
 def _commit_sync(jobs: list[tuple[SpoolFile, Path]]) -> None:

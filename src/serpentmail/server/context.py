@@ -20,7 +20,7 @@ from ..accounts.db import AccountDB, User, verify_password
 from ..config import Config
 from ..log import log_event
 from ..proto.address import Address
-from ..storage.maildir import CommitJob, Committer, SpoolFile, ensure_maildir, maildir_for
+from ..storage.maildir import Committer, SpoolFile, commit_async, ensure_maildir, maildir_for
 
 log = logging.getLogger("serpentmail.server")
 
@@ -136,14 +136,7 @@ class ServerContext:
 
     async def commit(self, job_spool: SpoolFile, links: list[Path], *, keep_spool: bool = False) -> None:
         """Run the durable recipe for ``job_spool`` in the committer; raise on failure."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-
-        def done(err: BaseException | None) -> None:
-            loop.call_soon_threadsafe(_settle, fut, err)
-
-        self.committer.submit(CommitJob(job_spool, links, done, keep_spool=keep_spool))
-        await fut
+        await commit_async(self.committer, job_spool, links, keep_spool=keep_spool)
 
     async def check_password(self, username: str, password: str, ip: str, service: str) -> User | None:
         """Verify a login off the event loop, with the failure delay and throttle applied."""
@@ -171,11 +164,3 @@ def _plausible_login(name: str) -> bool:
     return 0 < len(name) <= 320 and "@" in name and not any(c in name for c in "/\x00") and ".." not in name \
         and all(c >= " " and c != "\x7f" for c in name)
 
-
-def _settle(fut: asyncio.Future[None], err: BaseException | None) -> None:
-    if fut.done():
-        return
-    if err is None:
-        fut.set_result(None)
-    else:
-        fut.set_exception(err)

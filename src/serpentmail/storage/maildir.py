@@ -242,3 +242,25 @@ def deliver_bytes(data_dir: Path, maildirs: list[Path], content: bytes) -> list[
         return out
     finally:
         spool.discard()
+
+
+async def commit_async(committer: Committer, spool: SpoolFile, links: list[Path], *, keep_spool: bool = False) -> None:
+    """Run the durable recipe for ``spool`` in ``committer`` and wait for it; raise on failure."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def settle(err: BaseException | None) -> None:
+        if fut.done():
+            return
+        if err is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(err)
+
+    def done(err: BaseException | None) -> None:  # runs in a committer thread
+        loop.call_soon_threadsafe(settle, err)
+
+    committer.submit(CommitJob(spool, links, done, keep_spool=keep_spool))
+    await fut
