@@ -230,6 +230,13 @@ def test_sigterm_exits_zero_and_logs(served: Served) -> None:
     assert re.search(r"message id=\S+ from=<a@b.test> to=<bill@winview.test> size=\d+ status=delivered client=127\.", out), out
 
 
+def test_sigterm_as_soon_as_the_port_accepts(served: Served) -> None:
+    # the listener is up before start-up has finished; SIGTERM then is still a clean stop
+    for _ in range(3):
+        served.start()
+        assert served.stop() == 0, served.output.decode()
+
+
 def test_sigkill_under_load_loses_nothing_acknowledged(served: Served) -> None:
     setup_accounts(served)
     served.start()

@@ -114,14 +114,16 @@ class Server:
         log_event(log, "stopped")
 
     async def run_until_signal(self, on_ready: Callable[[Server], None] | None = None) -> None:
-        await self.start()
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
+        # Handlers first: the listeners accept connections before start() returns (start hooks
+        # still run), and a SIGTERM in that window must be a clean stop, not the default kill.
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 loop.add_signal_handler(sig, stop.set)
             except (NotImplementedError, RuntimeError):
                 pass
+        await self.start()
         if on_ready is not None:
             on_ready(self)
         await stop.wait()
