@@ -391,3 +391,42 @@ def test_concurrent_sessions(server: tuple[Config, ServerThread]) -> None:
     subjects = sorted(re.search(rb"Subject: (\S+)", p.read_bytes()).group(1) for p in maildir_files(cfg, BILL))  # type: ignore[union-attr]
     assert subjects == sorted(b"%d-%d" % (n, i) for n in range(8) for i in range(5))
     assert os.listdir(cfg.data_dir / "tmp") == []
+
+
+def test_client_vanishing_mid_data_leaves_nothing(server: tuple[Config, ServerThread]) -> None:
+    cfg, srv = server
+    with socket.create_connection(srv.endpoint("smtp"), timeout=20) as s:
+        f = s.makefile("rb")
+        s.sendall(b"HELO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<bill@winview.test>\r\nDATA\r\n")
+        for _ in range(5):
+            f.readline()
+        s.sendall(b"Subject: cut\r\n\r\n" + b"x" * 100000)
+        wait_for(lambda: any((cfg.data_dir / "tmp").iterdir()), "spool file being written")
+        f.close()  # (a makefile() reader keeps the socket open)
+    wait_for(lambda: not list((cfg.data_dir / "tmp").iterdir()), "spool file removed")
+    assert maildir_files(cfg, BILL) == []
+    ctx = srv.server.ctx
+    assert ctx is not None
+    wait_for(lambda: ctx.connections == 0 and not ctx.sessions, "session released")
+
+
+def test_huge_pipelined_burst_is_answered_in_order(server: tuple[Config, ServerThread]) -> None:
+    # several MB of pipelined messages arrive while earlier ones are being committed: reading is
+    # paused and resumed (backpressure) and every reply comes back in order
+    cfg, srv = server
+    chunk = (b"Subject: burst\r\n\r\n" + b"y" * 1022 + b"\r\n") * 3000  # ~3 MB
+    n = 4
+    burst = b"EHLO c.test\r\n" + (b"MAIL FROM:<a@b.test>\r\nRCPT TO:<bill@winview.test>\r\n"
+                                  + b"BDAT %d LAST\r\n" % len(chunk) + chunk) * n + b"QUIT\r\n"
+    with socket.create_connection(srv.endpoint("smtp"), timeout=60) as s:
+        received: list[bytes] = []
+        reader = threading.Thread(target=lambda: received.append(recv_until_closed(s)))
+        reader.start()
+        s.sendall(burst)
+        reader.join(60)
+    lines = received[0].split(b"\r\n")
+    finals = [ln[:9] for ln in lines if ln[:3] in (b"250", b"221") and b"-" not in ln[3:4]]
+    assert finals == [b"250 START"] + [b"250 2.1.0", b"250 2.1.5", b"250 2.0.0"] * n + [b"221 2.0.0"]
+    files = maildir_files(cfg, BILL)
+    assert len(files) == n
+    assert all(p.read_bytes().endswith(chunk) for p in files)
