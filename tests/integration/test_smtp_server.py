@@ -191,7 +191,7 @@ def test_starttls(server: tuple[Config, ServerThread]) -> None:
 
 
 def test_starttls_pipelined_plaintext_is_discarded(server: tuple[Config, ServerThread]) -> None:
-    cfg, srv = server
+    _cfg, srv = server
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
