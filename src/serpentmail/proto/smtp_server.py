@@ -37,7 +37,7 @@ from .replies import Reply
 class SessionLimits:
     """Every limit of an SMTP session, in one place (each configurable under ``[limits]``)."""
 
-    max_message_size: int = 25 * 1024 * 1024
+    max_message_size: int = 25_000_000  # "25MB", as the config documents it
     max_recipients: int = 100
     # RFC 5321 §4.5.3.1.4 sets 512 octets as the minimum; extensions push lines longer, so we
     # allow 2048 as Postfix's line_length_limit does.

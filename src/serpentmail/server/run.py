@@ -46,7 +46,9 @@ class Server:
     bound: list[tuple[str, Endpoint]] = field(default_factory=list)
     _stoppers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
-    async def start(self) -> None:
+    async def start(self, on_bound: Callable[[Server], None] | None = None) -> None:
+        """Bind and start everything. ``on_bound`` runs once the listeners are bound, before
+        privileges are dropped (so it may still read whatever root can)."""
         load_components()
         cfg = self.config
         for sub in ("tmp", "mail", "queue"):
@@ -73,7 +75,10 @@ class Server:
         except OSError as exc:
             await self.stop()
             raise StartupError(f"cannot listen: {exc.strerror or exc}") from exc
+        if on_bound is not None:
+            on_bound(self)
         if cfg.user and os.geteuid() == 0:
+            _preload_modules()  # the installed code may not be readable by the target user
             _drop_privileges(cfg.user, cfg)
         for start_hook in START_HOOKS:
             stopper = await start_hook(self)
@@ -123,12 +128,23 @@ class Server:
                 loop.add_signal_handler(sig, stop.set)
             except (NotImplementedError, RuntimeError):
                 pass
-        await self.start()
-        if on_ready is not None:
-            on_ready(self)
+        await self.start(on_bound=on_ready)
         await stop.wait()
         log_event(log, "shutdown requested")
         await self.stop()
+
+
+def _preload_modules() -> None:
+    """Import everything the server imports lazily, while we can still read it as root."""
+    import importlib
+
+    for name in ("serpentmail.delivery.remote", "serpentmail.delivery.dns", "serpentmail.message.dsn",
+                 "dns.asyncresolver", "dns.nameserver", "dns.message", "dns.rdtypes.ANY.MX",
+                 "dns.rdtypes.IN.A", "dns.rdtypes.IN.AAAA", "email.mime.multipart", "email.mime.text"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
 
 
 def _drop_privileges(username: str, cfg: Config) -> None:
