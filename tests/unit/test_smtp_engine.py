@@ -512,6 +512,12 @@ def test_http_verbs_close_at_once(line: bytes) -> None:
     assert isinstance(s.events[-1], CloseConnection)
 
 
+def test_http_request_with_bare_lf_also_closes_at_once() -> None:
+    s = run(b"GET / HTTP/1.0\nHost: mx.test\n\n")
+    assert s.codes() == ["421 4.7.0"]
+    assert isinstance(s.events[-1], CloseConnection)
+
+
 # --- pipelining -------------------------------------------------------------------------------
 
 

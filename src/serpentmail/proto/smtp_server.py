@@ -373,6 +373,10 @@ class SMTPServerConnection:
         if len(raw) > self.limits.max_line_length:
             refusal = R.LINE_TOO_LONG
         elif not raw.endswith(b"\r\n") or b"\r" in raw[:-2]:
+            if self._phase is _Phase.COMMAND and raw.split(b" ", 1)[0].upper().decode("ascii", "replace") in _HTTP_VERBS:
+                # An HTTP client (often ending lines in bare LF): close at once, as for CRLF.
+                self._close(R.NOT_SMTP, "HTTP request on SMTP port")
+                return True
             refusal = R.BARE_LF_COMMAND
         else:
             try:
