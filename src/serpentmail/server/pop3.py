@@ -23,9 +23,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import time
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, BinaryIO, cast
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..log import log_event
 from ..proto import pop3 as P
@@ -43,6 +41,7 @@ from ..proto.pop3 import (
 from ..storage.mailbox import Mailbox, MailboxInUse, open_mailbox
 from .context import ServerContext
 from .run import EXTRA_LISTENERS
+from .session import EngineSession
 
 if TYPE_CHECKING:
     from .run import Server
@@ -50,7 +49,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("serpentmail.pop3")
 
 CHUNK = 256 * 1024
-_MAX_BUFFERED = 64 * 1024  # unprocessed command octets before we stop reading
 
 
 def _is_loopback(ip: str) -> bool:
@@ -60,43 +58,27 @@ def _is_loopback(ip: str) -> bool:
         return False
 
 
-class POP3Session(asyncio.Protocol):
+class POP3Session(EngineSession):
     """One POP3 connection."""
 
+    log = log
+    need_data = NEED_DATA
+    max_buffered = 64 * 1024  # POP3 clients send only short commands
+
     def __init__(self, ctx: ServerContext, *, implicit_tls: bool, plaintext_on_loopback: bool = True) -> None:
-        self.ctx = ctx
+        super().__init__(ctx)
         self.implicit_tls = implicit_tls
         self.plaintext_on_loopback = plaintext_on_loopback
-        self.transport: asyncio.Transport | None = None
-        self.ip = "?"
         self.engine: POP3ServerConnection | None = None
         self.mailbox: Mailbox | None = None
         self.user_address = "-"
-        self._busy = False
-        self._closing = False
-        self._admitted = False
         self._applying = False
         self._writable = asyncio.Event()
         self._writable.set()
-        self._last_activity = time.monotonic()
-        self._timer: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task[None] | None = None
 
-    # --- asyncio callbacks ---------------------------------------------------------------
+    # --- the EngineSession hooks -----------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        transport = cast(asyncio.Transport, transport)
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.ip = str(peer[0]) if peer else "?"
-        if not self.ctx.admit(self.ip):
-            transport.write(P.POP3Reply(False, "Too many connections, try again later", "SYS/TEMP").to_bytes())
-            log_event(log, "connection refused", logging.WARNING, client=self.ip, reason="connection limit")
-            transport.close()
-            return
-        self._admitted = True
-        self.ctx.sessions.add(self)
+    def make_engine(self) -> POP3ServerConnection:
         cfg = self.ctx.config
         self.engine = POP3ServerConnection(
             POP3Options(
@@ -107,22 +89,39 @@ class POP3Session(asyncio.Protocol):
             ),
             POP3Limits(max_line_length=max(512, cfg.limits.max_line_length), max_errors=cfg.limits.max_errors),
         )
-        transport.write(self.engine.greeting())
-        self._arm_timer()
+        return self.engine
 
-    def data_received(self, data: bytes) -> None:
-        engine = self.engine
-        if engine is None or self._closing:
-            return
-        self._last_activity = time.monotonic()
-        engine.receive_data(data)
-        if engine.buffered > _MAX_BUFFERED and self.transport is not None:
-            self.transport.pause_reading()
+    @property
+    def engine_or_none(self) -> POP3ServerConnection | None:
+        return self.engine
+
+    def refusal(self) -> bytes:
+        return P.POP3Reply(False, "Too many connections, try again later", "SYS/TEMP").to_bytes()
+
+    def on_internal_error(self) -> None:
+        if self.engine is not None:
+            self.engine.close(P.SYS_TEMP)
+        self.flush()
+        self.close()
+
+    def idle_timeout(self) -> float:
+        return self.ctx.config.limits.pop3_idle_timeout
+
+    def on_idle_timeout(self) -> None:
+        self._end(P.IDLE_TIMEOUT)
+
+    def on_connection_lost(self) -> None:
+        self._writable.set()  # wake a streaming task so it notices the close
+        # A busy task (login, transfer, UPDATE) finishes its current step, sees _closing and
+        # releases the mailbox itself: an UPDATE in a worker thread is never cut in half.
         if not self._busy:
-            self._pump()
+            self._release_mailbox()
 
-    def eof_received(self) -> bool | None:
-        return None
+    def after_task(self) -> bool:
+        if self._closing:
+            self._release_mailbox()
+            return False
+        return True
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -130,88 +129,20 @@ class POP3Session(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._writable.set()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._closing = True
-        self._writable.set()  # wake a streaming task so it notices the close
-        if self._timer is not None:
-            self._timer.cancel()
-        if not self._busy:
-            self._release_mailbox()
-        # A busy task (login, transfer, UPDATE) finishes its current step, sees _closing and
-        # releases the mailbox itself: an UPDATE in a worker thread is never cut in half.
-        if self._admitted:
-            self._admitted = False
-            self.ctx.release(self.ip)
-            self.ctx.sessions.discard(self)
-
-    # --- engine pump ---------------------------------------------------------------------
-
-    def _flush(self) -> None:
-        if self.engine is not None and self.transport is not None and not self.transport.is_closing():
-            out = self.engine.data_to_send()
-            if out:
-                self.transport.write(out)
-
-    def _pump(self) -> None:
-        engine = self.engine
-        assert engine is not None
-        try:
-            while not self._busy and not self._closing:
-                ev = engine.next_event()
-                if ev is NEED_DATA:
-                    break
-                self._handle(ev)
-        except Exception:  # a bug: log it, tell the peer nothing specific, drop the session
-            log.exception("internal error in POP3 session client=%s", self.ip)
-            engine.close(P.SYS_TEMP)
-            self._flush()
-            self._close()
-            return
-        self._flush()
-        if not self._busy and self.transport is not None and engine.buffered < _MAX_BUFFERED:
-            self.transport.resume_reading()
-
-    def _handle(self, ev: object) -> None:
+    def handle(self, ev: object) -> None:
         match ev:
             case LoginAttempt():
-                self._start_task(self._on_login(ev))
+                self.start_task(self._on_login(ev))
             case Retrieve():
-                self._start_task(self._on_retrieve(ev))
+                self.start_task(self._on_retrieve(ev))
             case Update():
-                self._start_task(self._on_update(ev))
+                self.start_task(self._on_update(ev))
             case StartTLS():
                 # RFC 2595 §4: nothing more is read in plaintext once STLS is answered.
-                assert self.transport is not None
-                self.transport.pause_reading()
-                self._start_task(self._on_stls())
+                self.begin_tls()
             case CloseConnection():
-                self._flush()
-                self._close()
-
-    def _start_task(self, coro: Coroutine[Any, Any, None]) -> None:
-        self._busy = True
-        self._task = asyncio.ensure_future(coro)
-        self._task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._busy = False
-        self._last_activity = time.monotonic()
-        exc = None if task.cancelled() else task.exception()
-        if exc is not None:
-            log.error("internal error in POP3 session client=%s: %r", self.ip, exc, exc_info=exc)
-            if self.engine is not None:
-                self.engine.close(P.SYS_TEMP)
-            self._flush()
-            self._close()
-        if self._closing:
-            self._release_mailbox()
-            return
-        self._pump()
-
-    def _close(self) -> None:
-        self._closing = True
-        if self.transport is not None:
-            self.transport.close()
+                self.flush()
+                self.close()
 
     def _release_mailbox(self) -> None:
         if self.mailbox is not None and not self._applying:
@@ -219,22 +150,6 @@ class POP3Session(asyncio.Protocol):
             self.mailbox = None
 
     # --- idle timeout and shutdown -------------------------------------------------------
-
-    def _arm_timer(self, delay: float | None = None) -> None:
-        timeout = self.ctx.config.limits.pop3_idle_timeout
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(timeout if delay is None else delay, self._on_timer)
-
-    def _on_timer(self) -> None:
-        if self._closing:
-            return
-        idle = time.monotonic() - self._last_activity
-        timeout = self.ctx.config.limits.pop3_idle_timeout
-        if idle < timeout or self._busy:
-            self._arm_timer(max(0.05, timeout - idle))
-            return
-        log_event(log, "idle timeout", client=self.ip, user=self.user_address)
-        self._end(P.IDLE_TIMEOUT)
 
     def shutdown(self, reply: object = None) -> None:
         """Server shutdown: ``-ERR [SYS/TEMP]``, close, apply nothing. ``reply`` (an SMTP
@@ -244,8 +159,8 @@ class POP3Session(asyncio.Protocol):
     def _end(self, reply: P.POP3Reply) -> None:
         if self.engine is not None and not self._closing:
             self.engine.close(reply)
-            self._flush()
-        self._close()
+            self.flush()
+        self.close()
         if not self._busy:
             self._release_mailbox()
 
@@ -306,7 +221,7 @@ class POP3Session(asyncio.Protocol):
             engine.begin_transfer()
             while piece and not self._closing:
                 more = engine.transfer_data(piece)
-                self._flush()
+                self.flush()
                 if not more:
                     break
                 if not self._writable.is_set():
@@ -328,7 +243,7 @@ class POP3Session(asyncio.Protocol):
             log_event(log, "message read failed", logging.ERROR, user=self.user_address, client=self.ip,
                       msg=ev.number, error=repr(exc))
             engine.close()
-            self._close()
+            self.close()
             return
         finally:
             f.close()
@@ -355,26 +270,6 @@ class POP3Session(asyncio.Protocol):
         self._release_mailbox()
         if not self._closing:
             engine.update_done(reply)
-
-    async def _on_stls(self) -> None:
-        engine = self.engine
-        assert engine is not None and self.transport is not None and self.ctx.tls is not None
-        self._flush()
-        loop = asyncio.get_running_loop()
-        try:
-            new_transport = await asyncio.wait_for(
-                loop.start_tls(self.transport, self, self.ctx.tls, server_side=True), timeout=30)
-        except Exception as exc:
-            log_event(log, "tls handshake failed", logging.INFO, client=self.ip, error=repr(exc))
-            self._closing = True
-            if self.transport is not None:
-                self.transport.abort()
-            return
-        if new_transport is None:
-            self._close()
-            return
-        self.transport = new_transport
-        engine.tls_established()
 
 
 def _open_and_read(mailbox: Mailbox, index: int) -> tuple[BinaryIO, bytes]:

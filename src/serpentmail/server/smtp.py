@@ -14,9 +14,8 @@ import asyncio
 import email.utils
 import logging
 import time
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Literal
 
 from ..accounts.db import User
 from ..log import log_event
@@ -40,11 +39,11 @@ from ..proto.smtp_server import (
 )
 from ..storage.maildir import SpoolFile, final_name
 from .context import ServerContext
+from .session import EngineSession
 
 log = logging.getLogger("serpentmail.smtp")
 
 Kind = Literal["smtp", "submission", "submissions"]
-_MAX_BUFFERED = 4 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -60,40 +59,23 @@ class _Transaction:
     write_error: OSError | None = None
 
 
-class SMTPSession(asyncio.Protocol):
+class SMTPSession(EngineSession):
     """One SMTP connection."""
 
+    log = log
+    need_data = NEED_DATA
+
     def __init__(self, ctx: ServerContext, kind: Kind) -> None:
-        self.ctx = ctx
+        super().__init__(ctx)
         self.kind = kind
-        self.transport: asyncio.Transport | None = None
-        self.ip = "?"
         self.engine: SMTPServerConnection | None = None
         self.txn = _Transaction()
         self.user: User | None = None
-        self._busy = False
-        self._closing = False
-        self._admitted = False
-        self._last_activity = time.monotonic()
-        self._timer: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._committing = False
 
-    # --- asyncio callbacks ---------------------------------------------------------------
+    # --- the EngineSession hooks -----------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports do not subclass asyncio.Transport; they implement it.
-        transport = cast(asyncio.Transport, transport)
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.ip = str(peer[0]) if peer else "?"
-        if not self.ctx.admit(self.ip):
-            limit_reply = R.TOO_MANY_CONNECTIONS if self.ctx.connections >= self.ctx.config.limits.max_connections else R.TOO_MANY_CONNECTIONS_IP
-            transport.write(limit_reply.to_bytes())
-            log_event(log, "connection refused", logging.WARNING, client=self.ip, reason=limit_reply.text)
-            transport.close()
-            return
-        self._admitted = True
-        self.ctx.sessions.add(self)
+    def make_engine(self) -> SMTPServerConnection:
         cfg = self.ctx.config
         submission = self.kind != "smtp"
         self.engine = SMTPServerConnection(
@@ -107,65 +89,37 @@ class SMTPSession(asyncio.Protocol):
             ),
             cfg.limits.session_limits(),
         )
-        transport.write(self.engine.greeting())
-        self._arm_timer()
+        return self.engine
 
-    def data_received(self, data: bytes) -> None:
+    @property
+    def engine_or_none(self) -> SMTPServerConnection | None:
+        return self.engine
+
+    def refusal(self) -> bytes:
+        total = self.ctx.connections >= self.ctx.config.limits.max_connections
+        return (R.TOO_MANY_CONNECTIONS if total else R.TOO_MANY_CONNECTIONS_IP).to_bytes()
+
+    def on_internal_error(self) -> None:
         engine = self.engine
-        if engine is None or self._closing:
-            return
-        self._last_activity = time.monotonic()
-        engine.receive_data(data)
-        if engine.buffered > _MAX_BUFFERED and self.transport is not None:
-            self.transport.pause_reading()
-        if not self._busy:
-            self._pump()
+        if engine is not None and engine.awaiting_decision:
+            engine.respond(R.LOCAL_ERROR)
+        self._discard()
 
-    def eof_received(self) -> bool | None:
-        return None
+    def idle_timeout(self) -> float:
+        return self.ctx.config.limits.idle_timeout
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._closing = True
-        if self._timer is not None:
-            self._timer.cancel()
+    def on_idle_timeout(self) -> None:
+        self.shutdown(R.IDLE_TIMEOUT)
+
+    def on_connection_lost(self) -> None:
+        # A commit in flight finishes (its file becomes durable, nobody hears the 250): the
+        # client will retry, and a duplicate is better than a loss (RFC 5321 §6.1).
         if self._task is not None and not self._task.done() and not self._committing:
             self._task.cancel()
         if not self._committing:
             self._discard()
-        if self._admitted:
-            self._admitted = False
-            self.ctx.release(self.ip)
-            self.ctx.sessions.discard(self)
 
-    _committing = False
-
-    # --- engine pump ---------------------------------------------------------------------
-
-    def _flush(self) -> None:
-        if self.engine is not None and self.transport is not None and not self.transport.is_closing():
-            out = self.engine.data_to_send()
-            if out:
-                self.transport.write(out)
-
-    def _pump(self) -> None:
-        engine = self.engine
-        assert engine is not None
-        try:
-            while not self._busy and not self._closing:
-                ev = engine.next_event()
-                if ev is NEED_DATA:
-                    break
-                self._handle(ev)
-        except Exception:  # a bug: never leak detail to the peer, keep the server running
-            log.exception("internal error in SMTP session client=%s", self.ip)
-            if engine.awaiting_decision:
-                engine.respond(R.LOCAL_ERROR)
-            self._discard()
-        self._flush()
-        if not self._busy and self.transport is not None and engine.buffered < _MAX_BUFFERED:
-            self.transport.resume_reading()
-
-    def _handle(self, ev: object) -> None:
+    def handle(self, ev: object) -> None:
         engine = self.engine
         assert engine is not None
         match ev:
@@ -180,69 +134,25 @@ class SMTPSession(asyncio.Protocol):
             case DataChunk():
                 self._on_chunk(ev.data)
             case MessageComplete():
-                self._start_task(self._on_message(ev))
+                self.start_task(self._on_message(ev))
             case TransactionReset():
                 self._discard()
             case StartTLS():
                 # No plaintext may be read after STARTTLS (RFC 3207 §4.2, CVE-2011-0411).
-                assert self.transport is not None
-                self.transport.pause_reading()
-                self._start_task(self._on_starttls())
+                self.begin_tls()
             case AuthAttempt():
-                self._start_task(self._on_auth(ev))
+                self.start_task(self._on_auth(ev))
             case CloseConnection():
-                self._flush()
-                self._close()
-
-    def _start_task(self, coro: Coroutine[Any, Any, None]) -> None:
-        self._busy = True
-        self._task = asyncio.ensure_future(coro)
-        self._task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._busy = False
-        if task.cancelled() or self._closing:
-            return
-        exc = task.exception()
-        engine = self.engine
-        assert engine is not None
-        if exc is not None:
-            log.error("internal error in SMTP session client=%s: %r", self.ip, exc, exc_info=exc)
-            if engine.awaiting_decision:
-                engine.respond(R.LOCAL_ERROR)
-            self._discard()
-        self._pump()
-
-    def _close(self) -> None:
-        self._closing = True
-        if self.transport is not None:
-            self.transport.close()
-
-    # --- idle timeout --------------------------------------------------------------------
-
-    def _arm_timer(self, delay: float | None = None) -> None:
-        timeout = self.ctx.config.limits.idle_timeout
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(timeout if delay is None else delay, self._on_timer)
-
-    def _on_timer(self) -> None:
-        if self._closing:
-            return
-        idle = time.monotonic() - self._last_activity
-        timeout = self.ctx.config.limits.idle_timeout
-        if idle < timeout or self._busy:
-            self._arm_timer(max(0.05, timeout - idle))
-            return
-        log_event(log, "idle timeout", client=self.ip)
-        self.shutdown(R.IDLE_TIMEOUT)
+                self.flush()
+                self.close()
 
     def shutdown(self, reply: Reply) -> None:
         """Close with ``reply`` (idle timeout, server shutdown)."""
         if self.engine is not None and not self._closing:
             self.engine.close(reply)
-            self._flush()
+            self.flush()
         self._discard()
-        self._close()
+        self.close()
 
     @property
     def idle(self) -> bool:
@@ -447,27 +357,6 @@ class SMTPSession(asyncio.Protocol):
         txn.spool = new
 
     # --- STARTTLS and AUTH -----------------------------------------------------------------
-
-    async def _on_starttls(self) -> None:
-        engine = self.engine
-        assert engine is not None and self.transport is not None and self.ctx.tls is not None
-        self._flush()
-        loop = asyncio.get_running_loop()
-        try:
-            new_transport = await asyncio.wait_for(
-                loop.start_tls(self.transport, self, self.ctx.tls, server_side=True), timeout=30
-            )
-        except (TimeoutError, OSError, ConnectionError, Exception) as exc:
-            log_event(log, "tls handshake failed", logging.INFO, client=self.ip, error=repr(exc))
-            self._closing = True
-            if self.transport is not None:
-                self.transport.abort()
-            return
-        if new_transport is None:
-            self._close()
-            return
-        self.transport = new_transport
-        engine.tls_established()
 
     async def _on_auth(self, ev: AuthAttempt) -> None:
         engine = self.engine

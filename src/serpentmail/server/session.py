@@ -1,0 +1,226 @@
+"""The connection lifecycle shared by the SMTP and POP3 adapters.
+
+:class:`EngineSession` is an ``asyncio.Protocol`` that drives a sans-IO engine (anything with
+``greeting``/``receive_data``/``next_event``/``data_to_send``/``buffered``): admission against
+the connection limits, the pump that turns engine events into handler calls, tasks for
+decisions that must wait (password checks, fsync, file reads) during which nothing more is
+processed (so pipelined commands stay in order), back-pressure on reading, the idle timer and
+the STARTTLS/STLS upgrade. Subclasses say what their protocol does with each event.
+
+Invariants: a session is counted in ``ctx.connections``/``ctx.sessions`` exactly while it is
+admitted; nothing is read in plaintext once a TLS upgrade has been answered (RFC 3207 §4.2,
+RFC 2595 §4); an unexpected exception is logged with detail and the peer gets a generic reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from typing import Any, Protocol, cast
+
+from ..log import log_event
+from .context import ServerContext
+
+
+class Engine(Protocol):
+    def greeting(self) -> bytes: ...
+
+    def receive_data(self, data: bytes) -> None: ...
+
+    def next_event(self) -> object: ...
+
+    def data_to_send(self) -> bytes: ...
+
+    @property
+    def buffered(self) -> int: ...
+
+    def tls_established(self) -> None: ...
+
+
+class EngineSession(asyncio.Protocol):
+    """One connection driven by a sans-IO engine. See the module docstring."""
+
+    log: logging.Logger = logging.getLogger("serpentmail.server")
+    need_data: object = None  # the engine module's NEED_DATA sentinel
+    max_buffered = 4 * 1024 * 1024  # unprocessed octets before we stop reading from the peer
+
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+        self.transport: asyncio.Transport | None = None
+        self.ip = "?"
+        self._busy = False
+        self._closing = False
+        self._admitted = False
+        self._last_activity = time.monotonic()
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # --- what a protocol provides ----------------------------------------------------------
+
+    def make_engine(self) -> Engine:
+        raise NotImplementedError
+
+    @property
+    def engine_or_none(self) -> Engine | None:
+        raise NotImplementedError
+
+    def refusal(self) -> bytes:
+        """What to send when the connection limits refuse a client."""
+        raise NotImplementedError
+
+    def handle(self, ev: object) -> None:
+        raise NotImplementedError
+
+    def on_internal_error(self) -> None:
+        """Tell the peer something generic after an unexpected exception."""
+        raise NotImplementedError
+
+    def idle_timeout(self) -> float:
+        raise NotImplementedError
+
+    def on_idle_timeout(self) -> None:
+        raise NotImplementedError
+
+    def on_connection_lost(self) -> None:
+        """Release what the session holds (spool file, mailbox lock)."""
+
+    def after_task(self) -> bool:
+        """Called when a task ends while the session is closing; False stops the pump."""
+        return not self._closing
+
+    # --- asyncio callbacks -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        tr = cast(asyncio.Transport, transport)
+        self.transport = tr
+        peer = tr.get_extra_info("peername")
+        self.ip = str(peer[0]) if peer else "?"
+        if not self.ctx.admit(self.ip):
+            tr.write(self.refusal())
+            log_event(self.log, "connection refused", logging.WARNING, client=self.ip, reason="connection limit")
+            tr.close()
+            return
+        self._admitted = True
+        self.ctx.sessions.add(self)
+        engine = self.make_engine()
+        tr.write(engine.greeting())
+        self._arm_timer()
+
+    def data_received(self, data: bytes) -> None:
+        engine = self.engine_or_none
+        if engine is None or self._closing:
+            return
+        self._last_activity = time.monotonic()
+        engine.receive_data(data)
+        if engine.buffered > self.max_buffered and self.transport is not None:
+            self.transport.pause_reading()
+        if not self._busy:
+            self.pump()
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self.on_connection_lost()
+        if self._admitted:
+            self._admitted = False
+            self.ctx.release(self.ip)
+            self.ctx.sessions.discard(self)
+
+    # --- the pump --------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        engine = self.engine_or_none
+        if engine is not None and self.transport is not None and not self.transport.is_closing():
+            out = engine.data_to_send()
+            if out:
+                self.transport.write(out)
+
+    def pump(self) -> None:
+        engine = self.engine_or_none
+        assert engine is not None
+        try:
+            while not self._busy and not self._closing:
+                ev = engine.next_event()
+                if ev is self.need_data:
+                    break
+                self.handle(ev)
+        except Exception:  # a bug: log the detail, tell the peer nothing specific
+            self.log.exception("internal error in session client=%s", self.ip)
+            self.on_internal_error()
+        self.flush()
+        if not self._busy and self.transport is not None and engine.buffered < self.max_buffered:
+            self.transport.resume_reading()
+
+    def start_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a decision that must wait; nothing else is processed until it ends."""
+        self._busy = True
+        self._task = asyncio.ensure_future(coro)
+        self._task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._busy = False
+        self._last_activity = time.monotonic()
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None and not self._closing:
+            self.log.error("internal error in session client=%s: %r", self.ip, exc, exc_info=exc)
+            self.on_internal_error()
+        if not self.after_task():
+            return
+        self.pump()
+
+    def close(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # --- idle timeout ------------------------------------------------------------------------
+
+    def _arm_timer(self, delay: float | None = None) -> None:
+        timeout = self.idle_timeout()
+        self._timer = asyncio.get_running_loop().call_later(timeout if delay is None else delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        if self._closing:
+            return
+        idle = time.monotonic() - self._last_activity
+        timeout = self.idle_timeout()
+        if idle < timeout or self._busy:
+            self._arm_timer(max(0.05, timeout - idle))
+            return
+        log_event(self.log, "idle timeout", client=self.ip)
+        self.on_idle_timeout()
+
+    # --- TLS upgrade ---------------------------------------------------------------------------
+
+    def begin_tls(self) -> None:
+        """Answer to STARTTLS/STLS is queued: stop reading plaintext, then upgrade."""
+        assert self.transport is not None
+        self.transport.pause_reading()
+        self.start_task(self._upgrade())
+
+    async def _upgrade(self) -> None:
+        engine = self.engine_or_none
+        assert engine is not None and self.transport is not None and self.ctx.tls is not None
+        self.flush()
+        loop = asyncio.get_running_loop()
+        try:
+            new_transport = await asyncio.wait_for(
+                loop.start_tls(self.transport, self, self.ctx.tls, server_side=True), timeout=30)
+        except Exception as exc:
+            log_event(self.log, "tls handshake failed", logging.INFO, client=self.ip, error=repr(exc))
+            self._closing = True
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if new_transport is None:
+            self.close()
+            return
+        self.transport = new_transport
+        engine.tls_established()
