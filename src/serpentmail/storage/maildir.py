@@ -34,6 +34,8 @@ from pathlib import Path
 
 SUBDIRS = ("tmp", "new", "cur")
 _seq = itertools.count(1)
+_PID = [os.getpid()]  # cached (a syscall per message otherwise); refreshed in a forked child
+os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
 _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072") or "localhost"
 
 
@@ -52,7 +54,7 @@ def unique_name() -> str:
     now = time.time()
     sec = int(now)
     usec = int((now - sec) * 1_000_000)
-    return f"{sec}.M{usec}P{os.getpid()}Q{next(_seq)}.{_HOST}"
+    return f"{sec}.M{usec}P{_PID[0]}Q{next(_seq)}.{_HOST}"
 
 
 def fsync_dir(path: Path) -> None:
@@ -104,9 +106,14 @@ class CommitJob:
 
 
 class Committer:
-    """Threads that run commit jobs in batches (group commit). See the module docstring."""
+    """Threads that run commit jobs in batches (group commit). See the module docstring.
 
-    def __init__(self, threads: int = 2) -> None:
+    One thread by default: while it syncs a batch, the next batch gathers in the queue, so a
+    busier server gets bigger batches (fewer directory fsyncs per message) instead of two
+    threads splitting the work into half-size batches that each pay a directory fsync.
+    """
+
+    def __init__(self, threads: int = 1) -> None:
         self._q: queue.SimpleQueue[CommitJob | None] = queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._run, name=f"committer-{i}", daemon=True) for i in range(threads)]
         for t in self._threads:
@@ -141,10 +148,19 @@ class Committer:
             if stop:
                 return
 
-    @staticmethod
-    def _commit(batch: list[CommitJob]) -> None:
+    def _commit(self, batch: list[CommitJob]) -> None:
         errors: dict[int, BaseException] = {}
-        dirs: set[Path] = set()
+        dirs: dict[Path, None] = {}
+        if len(batch) > 1 and _sync_file_range is not None:
+            # Start writeback of every file first, so the filesystem allocates them all in one
+            # journal transaction and the fsyncs below mostly find their data already on its
+            # way: one journal commit per batch instead of one per file. Durability still comes
+            # from each file's own fsync below.
+            for job in batch:
+                try:
+                    _sync_file_range(job.spool.fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+                except OSError:
+                    pass
         for i, job in enumerate(batch):
             spool = job.spool
             try:
@@ -156,7 +172,7 @@ class Committer:
                         os.replace(spool.path, target)
                     else:
                         os.link(spool.path, target)
-                    dirs.add(target.parent)
+                    dirs[target.parent] = None
             except BaseException as exc:  # reported to the session as 451, detail logged there
                 errors[i] = exc
                 _cleanup_failed(job)
@@ -175,6 +191,63 @@ class Committer:
                     pass  # a leftover temp file is harmless and cleaned at start
             job.done = True
             job.on_done(err)
+        _LoopWaker.flush_all()
+
+
+_sync_file_range = getattr(os, "sync_file_range", None)
+_SYNC_FILE_RANGE_WRITE = getattr(os, "SYNC_FILE_RANGE_WRITE", 2)
+
+
+class _LoopWaker:
+    """Coalesces the committer's "this job is durable" callbacks into one event-loop wake-up per
+    batch (one ``call_soon_threadsafe`` instead of one per message: fewer self-pipe writes and
+    thread switches). Used by :func:`commit_async`; results are delivered in order."""
+
+    _instances: dict[int, _LoopWaker] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, loop: object) -> None:
+        self.loop = loop
+        self.pending: list[tuple[object, BaseException | None]] = []
+
+    @classmethod
+    def for_loop(cls, loop: object) -> _LoopWaker:
+        with cls._lock:
+            waker = cls._instances.get(id(loop))
+            if waker is None or waker.loop is not loop:
+                # Forget closed loops (test suites make many) so they can be collected.
+                for key, w in list(cls._instances.items()):
+                    if w.loop.is_closed() and not w.pending:  # type: ignore[attr-defined]
+                        del cls._instances[key]
+                waker = cls._instances[id(loop)] = cls(loop)
+            return waker
+
+    def add(self, fut: object, err: BaseException | None) -> None:
+        with self._lock:
+            self.pending.append((fut, err))
+
+    @classmethod
+    def flush_all(cls) -> None:
+        with cls._lock:
+            ready = [(w, w.pending) for w in cls._instances.values() if w.pending]
+            for w, _ in ready:
+                w.pending = []
+        for w, items in ready:
+            try:
+                w.loop.call_soon_threadsafe(_settle_all, items)  # type: ignore[attr-defined]
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                with cls._lock:
+                    cls._instances.pop(id(w.loop), None)
+
+
+def _settle_all(items: list[tuple[object, BaseException | None]]) -> None:
+    for fut, err in items:
+        if fut.done():  # type: ignore[attr-defined]
+            continue
+        if err is None:
+            fut.set_result(None)  # type: ignore[attr-defined]
+        else:
+            fut.set_exception(err)  # type: ignore[attr-defined]
 
 
 def _cleanup_failed(job: CommitJob) -> None:
@@ -245,22 +318,18 @@ def deliver_bytes(data_dir: Path, maildirs: list[Path], content: bytes) -> list[
 
 
 async def commit_async(committer: Committer, spool: SpoolFile, links: list[Path], *, keep_spool: bool = False) -> None:
-    """Run the durable recipe for ``spool`` in ``committer`` and wait for it; raise on failure."""
+    """Run the durable recipe for ``spool`` in ``committer`` and wait for it; raise on failure.
+
+    The future is settled on the event loop once the committer's batch holding this job is
+    durable (one wake-up per batch, see :class:`_LoopWaker`)."""
     import asyncio
 
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[None] = loop.create_future()
-
-    def settle(err: BaseException | None) -> None:
-        if fut.done():
-            return
-        if err is None:
-            fut.set_result(None)
-        else:
-            fut.set_exception(err)
+    waker = _LoopWaker.for_loop(loop)
 
     def done(err: BaseException | None) -> None:  # runs in a committer thread
-        loop.call_soon_threadsafe(settle, err)
+        waker.add(fut, err)
 
     committer.submit(CommitJob(spool, links, done, keep_spool=keep_spool))
     await fut
