@@ -249,7 +249,7 @@ class SMTPSession(EngineSession):
         helo = (engine.helo or "unknown").replace("\r", "").replace("\n", "")[:255]
         ip_literal = f"IPv6:{self.ip}" if ":" in self.ip else self.ip
         for_clause = f"\r\n\tfor <{txn.rcpts[0]}>" if len(txn.rcpts) == 1 else ""
-        date = email.utils.format_datetime(email.utils.localtime())
+        date = _rfc5322_now()
         # RFC 5321 §4.4: Received: from <helo> (<tcp-info>) by <host> with <proto> id <id> for <rcpt>; <date>
         received = (
             f"Received: from {helo} ([{ip_literal}])\r\n\tby {cfg.hostname} (serpentmail) with {proto} id {qid}"
@@ -376,6 +376,21 @@ class SMTPSession(EngineSession):
             return
         self.user = user
         engine.respond(R.AUTH_OK)
+
+
+_date_sec = 0
+_date_text = ""
+
+
+def _rfc5322_now() -> str:
+    """The current local time as an RFC 5322 date, formatted once per second (it was a
+    measurable share of the per-message CPU in the inbound profile)."""
+    global _date_sec, _date_text
+    now = int(time.time())
+    if _date_sec != now:
+        _date_text = email.utils.format_datetime(email.utils.localtime())
+        _date_sec = now
+    return _date_text
 
 
 def _splice(old: SpoolFile, new: SpoolFile, at: int, extra: bytes) -> None:
