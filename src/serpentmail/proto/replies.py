@@ -53,6 +53,8 @@ class Reply:
 
 def _clean(text: str) -> str:
     """Keep reply text printable: no CR, no NUL, lines split only on LF we put there."""
+    if text.isascii() and text.isprintable():  # the usual case: nothing to remove
+        return text
     return "".join(ch for ch in text.replace("\r", "") if ch == "\n" or ch >= " ")
 
 
