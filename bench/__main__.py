@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     names = args.only or (QUICK if args.quick else ORDER)
     started = time.monotonic()
+    # SIGTERM unwinds like Ctrl-C, so the private Postfix/Dovecot/serpentmail are stopped.
+    signal.signal(signal.SIGTERM, _interrupt)
     nofile = raise_nofile(65536)
     if nofile < 21000:
         console.print(f"[yellow]open files limit is {nofile}: the 10,000-connection memory run may fall short[/]")
@@ -121,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     console.print(text, markup=False, highlight=False)
     console.print(f"written {args.out / f'{stamp}.md'}" + (f" and {png}" if has_chart else " (no chart: pip install matplotlib)"))
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _line(row: scenarios.Row) -> str:

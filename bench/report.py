@@ -96,7 +96,7 @@ def chart(rows: Sequence[Row], path: Path) -> bool:
     data = [r for r in rows if r.chart and r.serpent]
     if not data:
         return False
-    labels = [f"{r.scenario.split(' ', 1)[1]}\n{r.label.split(', ')[0]}, {r.label.split(', ')[1] if ', ' in r.label else ''}" for r in data]
+    labels = [f"{r.scenario.split(' ', 1)[1]}\n{', '.join(r.label.split(', ')[:2])}" for r in data]
     fig, ax = plt.subplots(figsize=(max(8, 1.5 * len(data)), 5.5))
     width = 0.38
     for k, (attr, name, color) in enumerate((("serpent", "serpentmail", "#2a9d8f"), ("other", "peer", "#8d99ae"))):
