@@ -44,7 +44,6 @@ from .session import EngineSession
 log = logging.getLogger("serpentmail.smtp")
 
 Kind = Literal["smtp", "submission", "submissions"]
-_SPOOL_BUFFER = 64 * 1024  # octets of a message kept in memory before its temp file is made (bigger ones stream)
 
 
 @dataclass(slots=True)
@@ -263,10 +262,7 @@ class SMTPSession(EngineSession):
         txn = self.txn
         txn.queued = bool(txn.remote)
         try:
-            # MX messages up to _SPOOL_BUFFER stay in memory until the committer creates,
-            # writes and fsyncs the file in one go (no file syscalls on the event loop).
-            # Submission keeps a real file at once: it may splice headers in from a thread.
-            txn.spool = SpoolFile(self.ctx.tmp_dir, buffer_limit=_SPOOL_BUFFER if self.kind == "smtp" else 0)
+            txn.spool = SpoolFile(self.ctx.tmp_dir)
             trace = self._trace_headers(txn.queued)
             txn.trace_len = len(trace)
             txn.spool.write(trace)
