@@ -66,70 +66,28 @@ def fsync_dir(path: Path) -> None:
 
 
 class SpoolFile:
-    """A temp file being written on the event loop (page-cache writes, no fsync here).
+    """A temp file being written on the event loop (page-cache writes, no fsync here)."""
 
-    With ``buffer_limit`` > 0 the content is kept in memory until it grows past the limit or
-    something asks for :attr:`fd`: the file is then created and the buffer written. The SMTP
-    side uses this so a small message's temp file is created, written and fsync'd by the
-    committer thread in one go, instead of an open and writes on the event loop (which also
-    stall it while the filesystem is busy syncing). The name (:attr:`path`) is fixed at once.
-    Durability is unaffected: nothing is acknowledged before the committer's fsyncs.
-    """
+    __slots__ = ("closed", "fd", "path", "size")
 
-    __slots__ = ("_buf", "_fd", "_limit", "closed", "path", "size")
-
-    def __init__(self, tmp_dir: Path, *, buffer_limit: int = 0) -> None:
+    def __init__(self, tmp_dir: Path) -> None:
         self.path = tmp_dir / unique_name()
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self.size = 0
         self.closed = False
-        self._limit = buffer_limit
-        self._buf: bytearray | None = bytearray() if buffer_limit > 0 else None
-        self._fd = -1 if buffer_limit > 0 else self._open()
-
-    def _open(self) -> int:
-        return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-
-    @property
-    def fd(self) -> int:
-        """The open descriptor (creating the file and writing any buffered content first)."""
-        if self._fd < 0:
-            self._materialize()
-        return self._fd
-
-    def _materialize(self) -> None:
-        if self.closed:
-            raise ValueError("spool file already discarded")
-        self._fd = self._open()
-        buf, self._buf = self._buf, None
-        if buf:
-            self._write_fd(buf)
-
-    def _write_fd(self, data: bytes | bytearray | memoryview) -> int:
-        view = memoryview(data)
-        written = 0
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
-            written += n
-        return written
 
     def write(self, data: bytes | memoryview) -> None:
-        buf = self._buf
-        if buf is not None:
-            buf += data
-            self.size += len(data)
-            if len(buf) > self._limit:
-                self._materialize()
-            return
-        self.size += self._write_fd(data)
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+            self.size += n
 
     def discard(self) -> None:
         """Abandon the file (transaction reset, refused message)."""
-        self._buf = None
         if not self.closed:
             self.closed = True
-            if self._fd >= 0:
-                os.close(self._fd)
+            os.close(self.fd)
         try:
             os.unlink(self.path)
         except FileNotFoundError:
