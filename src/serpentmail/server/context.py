@@ -93,23 +93,25 @@ class ServerContext:
     on_local_delivery: Callable[[list[Path]], None] | None = None
     sessions: set[Any] = field(default_factory=set)
     sent_per_user: dict[int, list[float]] = field(default_factory=dict)
-    _known_maildirs: set[int] = field(default_factory=set)
+    _known_maildirs: dict[int, Path] = field(default_factory=dict)  # user id -> ensured maildir
 
     def __post_init__(self) -> None:
         lim = self.config.limits
         if self.throttle is None:
             self.throttle = AuthThrottle(lim.auth_max_failures, lim.auth_failure_window, lim.auth_cooldown)
-        (self.config.data_dir / "tmp").mkdir(parents=True, exist_ok=True)
+        self._tmp_dir = self.config.data_dir / "tmp"  # built once: path joins showed in the profile
+        self._tmp_dir.mkdir(parents=True, exist_ok=True)
 
     @property
     def tmp_dir(self) -> Path:
-        return self.config.data_dir / "tmp"
+        return self._tmp_dir
 
     def maildir(self, user_id: int) -> Path:
-        path = maildir_for(self.config.data_dir, user_id)
-        if user_id not in self._known_maildirs:
+        path = self._known_maildirs.get(user_id)
+        if path is None:
+            path = maildir_for(self.config.data_dir, user_id)
             ensure_maildir(path)
-            self._known_maildirs.add(user_id)
+            self._known_maildirs[user_id] = path
         return path
 
     def postmaster_maildir(self) -> Path:
