@@ -315,7 +315,7 @@ class SMTPSession(EngineSession):
                 dirs = [self.ctx.maildir(uid) for uid in txn.users]
                 if txn.postmaster_fallback:
                     dirs.append(self.ctx.postmaster_maildir())
-                links = [d / "new" / name for d in dirs]
+                links = [d.joinpath("new", name) for d in dirs]
                 await self.ctx.commit(spool, links)
                 txn.spool = None
                 qid = spool.path.name
