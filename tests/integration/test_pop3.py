@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import poplib
 import signal
@@ -429,3 +430,67 @@ def test_server_shutdown_tells_idle_sessions_and_applies_nothing(tmp_path: Path)
     assert p.file.readline() == b"-ERR [SYS/TEMP] Server shutting down\r\n"
     p.close()
     assert len(maildir_files(cfg, BILL, "new")) == 1
+
+
+def _pop3_write_buffers(srv: ServerThread) -> int:
+    """Octets waiting in the server's POP3 transports (read on the server's own loop)."""
+    from serpentmail.server.pop3 import POP3Session
+
+    async def total() -> int:
+        assert srv.server.ctx is not None
+        return sum(s.transport.get_write_buffer_size() for s in srv.server.ctx.sessions
+                   if isinstance(s, POP3Session) and s.transport is not None)
+
+    return asyncio.run_coroutine_threadsafe(total(), srv.loop).result(10)
+
+
+def test_pipelined_retrs_of_small_messages_to_a_client_that_does_not_read_stay_bounded(tmp_path: Path) -> None:
+    """Small messages are sent without a worker thread; a client pipelining RETRs and reading
+    nothing must still not make the server buffer its whole mailbox."""
+    cfg = _cfg(tmp_path, "127.0.3.19")
+    body = b"Subject: s\r\n\r\n" + (b"z" * 98 + b"\r\n") * 900  # ~90 KiB each, below the sync bound
+    n = 100  # ~9 MB in all
+    for _ in range(n):
+        deliver_bytes(cfg.data_dir, [_maildir(cfg, BILL)], body)
+    with running_server(cfg) as srv:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(10)
+        s.connect(srv.endpoint("pop3"))
+        try:
+            s.sendall(b"USER bill@winview.test\r\nPASS bill-pw\r\n"
+                      + b"".join(b"RETR %d\r\n" % i for i in range(1, n + 1)))
+            time.sleep(1.5)
+            assert _pop3_write_buffers(srv) < 1024 * 1024  # not n * 90 KiB
+            # Reading resumes the session: every message arrives, in order, byte-stuffed.
+            f = s.makefile("rb")
+            got = 0
+            for _ in range(3):
+                assert f.readline().startswith(b"+OK")
+            while got < n:
+                assert f.readline() == f"+OK {len(body)} octets\r\n".encode()
+                data = b""
+                while not data.endswith(b"\r\n.\r\n"):
+                    data += f.readline()
+                assert data == body + b".\r\n"
+                got += 1
+        finally:
+            s.close()
+
+
+def test_a_fifo_under_a_message_name_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "127.0.3.20")
+    deliver_bytes(cfg.data_dir, [_maildir(cfg, BILL)], b"Subject: real\r\n\r\nx\r\n")
+    new = _maildir(cfg, BILL) / "new"
+    fifo = new / "1.M0P1Q0.planted,S=10"  # oldest: message 1
+    os.mkfifo(fifo)
+    with running_server(cfg) as srv:
+        p = _login(srv)
+        try:
+            with pytest.raises(poplib.error_proto, match=r"SYS/TEMP"):
+                p.retr(1)
+            assert _retr_bytes(p, 2) == b"Subject: real\r\n\r\nx\r\n"
+            p.quit()
+        finally:
+            with contextlib.suppress(OSError):  # unblock a reader stuck in open() (old code)
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))

@@ -43,6 +43,7 @@ _SIZE_FIELD = re.compile(r",S=(\d+)")
 _ORDER = re.compile(r"^(\d+)\.(\S*)")
 _USEC = re.compile(r"M(\d+)")
 _SEQ = re.compile(r"Q(\d+)")
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
 _MAX_UID = 70  # RFC 1939 §7: 1 to 70 characters in the range 0x21 to 0x7E
 
 
@@ -91,6 +92,9 @@ class Mailbox:
     def __init__(self, path: Path, lock_fd: int, entries: list[Entry]) -> None:
         self.path = path
         self.entries = entries
+        # "<maildir>/new/" and "<maildir>/cur/" as strings: one concatenation per RETR
+        # instead of two pathlib joins.
+        self._dirs = {sub: os.path.join(path, sub, "") for sub in ("new", "cur")}
         self._lock_fd: int | None = lock_fd
 
     @property
@@ -109,6 +113,14 @@ class Mailbox:
     def open_message(self, index: int) -> BinaryIO:
         """Open message ``index`` (0-based) for reading (a worker-thread call)."""
         return open(self.message_path(index), "rb")  # the caller closes it
+
+    def open_message_fd(self, index: int) -> int:
+        """Open message ``index`` (0-based) read-only and return the descriptor (the caller
+        closes it). ``O_NONBLOCK`` so that something that is not a regular file (a FIFO
+        planted under a message's name) cannot block the caller in ``open``; the caller
+        checks ``S_ISREG`` with ``fstat`` before reading."""
+        e = self.entries[index]
+        return os.open(self._dirs[e.sub] + e.name, _OPEN_FLAGS)
 
     def apply(self, deleted: Iterable[int]) -> None:
         """RFC 1939 §6 UPDATE. Raises OSError after trying every step if any step failed."""
