@@ -17,7 +17,7 @@ import pytest
 
 from serpentmail.config import Config, DeliveryConfig, DNSConfig, Endpoint, Listener
 from serpentmail.delivery.base import Envelope, RecipientResult
-from serpentmail.delivery.remote import RemoteCourier, Timeouts
+from serpentmail.delivery.remote import ConnectionCache, RemoteCourier, Timeouts
 from serpentmail.sandbox.dns import DNSServer, running_dns
 from tests.helpers import add_user, maildir_files, make_config, running_server
 from tests.integration.fakesmtp import FakeSMTP
@@ -79,9 +79,18 @@ def envelope(tmp_path: Path, data: bytes = MESSAGE, **kw: object) -> Envelope:
     return Envelope(queue_id="Q1", sender="alice@sender.test", data_path=path, size=len(data), **kw)  # type: ignore[arg-type]
 
 
+async def deliver_once(cfg: Config, env: Envelope, rcpts: list[str], *, timeouts: Timeouts = FAST,
+                       seed: int = 1) -> list[RecipientResult]:
+    """One delivery with a fresh courier, whose idle connections are then closed (QUIT)."""
+    courier = RemoteCourier(cfg, rng=random.Random(seed), timeouts=timeouts)
+    try:
+        return await courier.deliver(env, rcpts)
+    finally:
+        await courier.aclose()
+
+
 def deliver(cfg: Config, env: Envelope, rcpts: list[str], seed: int = 1) -> list[RecipientResult]:
-    courier = RemoteCourier(cfg, rng=random.Random(seed), timeouts=FAST)
-    return asyncio.run(courier.deliver(env, rcpts))
+    return asyncio.run(deliver_once(cfg, env, rcpts, seed=seed))
 
 
 def two_mx(dns: DNSServer) -> None:
@@ -131,7 +140,7 @@ def test_max_mx_attempts_limits_connections(tmp_path: Path, dns: DNSServer, smtp
     async def run() -> list[RecipientResult]:
         async with FakeSMTP(MX[3], smtp_port) as fake:
             cfg = sender_config(tmp_path, dns, smtp_port, max_mx_attempts=1)
-            res = await RemoteCourier(cfg, timeouts=FAST).deliver(envelope(tmp_path), ["bob@winview.test"])
+            res = await deliver_once(cfg, envelope(tmp_path), ["bob@winview.test"])
             assert fake.connections == 0
             return res
 
@@ -159,7 +168,7 @@ def test_421_greeting_moves_to_next_mx_and_data_is_dot_stuffed(tmp_path: Path, d
         async with FakeSMTP(MX[2], smtp_port, greeting="421 4.3.2 busy, go away") as busy, \
                 FakeSMTP(MX[3], smtp_port) as good:
             cfg = sender_config(tmp_path, dns, smtp_port)
-            res = await RemoteCourier(cfg, timeouts=FAST).deliver(envelope(tmp_path), ["bob@winview.test"])
+            res = await deliver_once(cfg, envelope(tmp_path), ["bob@winview.test"])
             return res, busy, good
 
     res, busy, good = asyncio.run(run())
@@ -177,8 +186,7 @@ def test_greeting_timeout_moves_on(tmp_path: Path, dns: DNSServer, smtp_port: in
     async def run() -> list[RecipientResult]:
         async with FakeSMTP(MX[2], smtp_port, silent=True), FakeSMTP(MX[3], smtp_port):
             cfg = sender_config(tmp_path, dns, smtp_port)
-            courier = RemoteCourier(cfg, timeouts=replace(FAST, greeting=0.3))
-            return await courier.deliver(envelope(tmp_path), ["bob@winview.test"])
+            return await deliver_once(cfg, envelope(tmp_path), ["bob@winview.test"], timeouts=replace(FAST, greeting=0.3))
 
     res = asyncio.run(run())
     assert res[0].status == "delivered" and res[0].remote_mta == "mx2.winview.test", res
@@ -192,8 +200,7 @@ def test_ehlo_refused_falls_back_to_helo_and_4xx_rcpt_defers(tmp_path: Path, dns
         async with FakeSMTP(MX[2], smtp_port, ehlo_reply="502 5.5.1 what is EHLO",
                             rcpt_replies={"carol@winview.test": "452 4.2.2 mailbox full, try later"}) as fake:
             cfg = sender_config(tmp_path, dns, smtp_port)
-            res = await RemoteCourier(cfg, timeouts=FAST).deliver(
-                envelope(tmp_path), ["bob@winview.test", "carol@winview.test"])
+            res = await deliver_once(cfg, envelope(tmp_path), ["bob@winview.test", "carol@winview.test"])
             return res, fake
 
     res, fake = asyncio.run(run())
@@ -210,7 +217,7 @@ def test_mail_from_5xx_fails_every_recipient(tmp_path: Path, dns: DNSServer, smt
     async def run() -> list[RecipientResult]:
         async with FakeSMTP(MX[2], smtp_port, mail_reply="550 5.7.1 sender blocked"):
             cfg = sender_config(tmp_path, dns, smtp_port)
-            return await RemoteCourier(cfg, timeouts=FAST).deliver(envelope(tmp_path), ["bob@winview.test", "x@winview.test"])
+            return await deliver_once(cfg, envelope(tmp_path), ["bob@winview.test", "x@winview.test"])
 
     res = asyncio.run(run())
     assert [(r.status, r.reply) for r in res] == [("failed", "550 5.7.1 sender blocked")] * 2
@@ -222,7 +229,7 @@ def test_message_bigger_than_size_fails_without_sending(tmp_path: Path, dns: DNS
     async def run() -> tuple[list[RecipientResult], FakeSMTP]:
         async with FakeSMTP(MX[2], smtp_port, extensions=("PIPELINING", "SIZE 50")) as fake:
             cfg = sender_config(tmp_path, dns, smtp_port)
-            res = await RemoteCourier(cfg, timeouts=FAST).deliver(envelope(tmp_path), ["bob@winview.test"])
+            res = await deliver_once(cfg, envelope(tmp_path), ["bob@winview.test"])
             return res, fake
 
     res, fake = asyncio.run(run())
@@ -281,7 +288,7 @@ def test_relay_smart_host_with_auth_login(tmp_path: Path, dns: DNSServer, smtp_p
                             rcpt_replies={"x@far.test": "550 5.1.1 unknown"}) as fake:
             cfg = sender_config(tmp_path, dns, smtp_port, relay=Endpoint(MX[6], smtp_port + 1),
                                 relay_username="relayuser", relay_password="s3cret", relay_tls="none")
-            res = await RemoteCourier(cfg, timeouts=FAST).deliver(envelope(tmp_path), ["bob@far.test", "x@far.test"])
+            res = await deliver_once(cfg, envelope(tmp_path), ["bob@far.test", "x@far.test"])
             return res, fake
 
     res, fake = asyncio.run(run())
@@ -297,7 +304,7 @@ def test_relay_requires_starttls_when_configured(tmp_path: Path, dns: DNSServer,
         async with FakeSMTP(MX[6], smtp_port + 1, auth={"u": "p"}) as fake:
             cfg = sender_config(tmp_path, dns, smtp_port, relay=Endpoint(MX[6], smtp_port + 1),
                                 relay_username="u", relay_password="p", relay_tls="starttls")
-            res = await RemoteCourier(cfg, timeouts=FAST).deliver(envelope(tmp_path), ["bob@far.test"])
+            res = await deliver_once(cfg, envelope(tmp_path), ["bob@far.test"])
             return res, fake
 
     res, fake = asyncio.run(run())
@@ -329,7 +336,7 @@ def test_unexpected_error_is_deferred_not_raised(tmp_path: Path, dns: DNSServer,
     async def run() -> list[RecipientResult]:
         async with FakeSMTP(MX[2], smtp_port):
             cfg = sender_config(tmp_path, dns, smtp_port)
-            return await RemoteCourier(cfg, timeouts=FAST).deliver(env, ["bob@winview.test"])
+            return await deliver_once(cfg, env, ["bob@winview.test"])
 
     res = asyncio.run(run())
     assert res[0].status == "deferred" and res[0].reply.startswith("451"), res
@@ -357,7 +364,7 @@ def test_tls_verify_domains_require_a_verified_certificate(tmp_path: Path, dns: 
 
     async def no_starttls() -> tuple[list[RecipientResult], FakeSMTP]:
         async with FakeSMTP(MX[2], smtp_port) as fake:
-            res = await RemoteCourier(cfg, timeouts=FAST).deliver(envelope(tmp_path), ["bob@winview.test"])
+            res = await deliver_once(cfg, envelope(tmp_path), ["bob@winview.test"])
             return res, fake
 
     res, fake = asyncio.run(no_starttls())
@@ -371,7 +378,7 @@ def test_non_ascii_recipient_needs_smtputf8(tmp_path: Path, dns: DNSServer, smtp
         async with FakeSMTP(MX[2], smtp_port, extensions=ext) as fake:
             cfg = sender_config(tmp_path, dns, smtp_port)
             env = envelope(tmp_path, smtputf8=True)
-            res = await RemoteCourier(cfg, timeouts=FAST).deliver(env, ["bob@winview.test", "jürgen@winview.test"])
+            res = await deliver_once(cfg, env, ["bob@winview.test", "jürgen@winview.test"])
             return res, fake
 
     res, fake = asyncio.run(run(("PIPELINING",)))
@@ -380,3 +387,264 @@ def test_non_ascii_recipient_needs_smtputf8(tmp_path: Path, dns: DNSServer, smtp
     res, fake = asyncio.run(run(("PIPELINING", "SMTPUTF8")))
     assert [r.status for r in res] == ["delivered", "delivered"]
     assert fake.commands[1] == "MAIL FROM:<alice@sender.test> SMTPUTF8"
+
+
+# --- connection reuse (RFC 5321 §3.3; issue 5: "several messages ... may reuse a connection") ---
+
+
+class ScriptedMX:
+    """A minimal SMTP server with one knob per connection-reuse test.
+
+    ``after_message``: what a connection whose number (1-based) is in ``misbehave_on`` does
+    once it has accepted a message: "close" (silently, as an idle timeout would), "421"
+    (RFC 5321 §3.8 shutdown notice, then close); with ``at_next_mail`` it does so only when
+    the next MAIL arrives (the client cannot see it coming). ``swallow_dot_on``: message numbers (1-based,
+    over all connections) whose end of data is read but never answered, the connection then
+    closed. ``hold_until_data``: MAIL/RCPT replies are held back until the DATA line arrives,
+    so a client that waits for them before sending DATA times out. ``rcpt_reply``: the reply
+    to every RCPT; DATA is answered 354 whatever happened before (as some servers do).
+    """
+
+    def __init__(self, host: str, port: int, *, after_message: str = "", misbehave_on: tuple[int, ...] = (),
+                 swallow_dot_on: tuple[int, ...] = (), hold_until_data: bool = False,
+                 rcpt_reply: bytes = b"250 2.1.5 OK\r\n", at_next_mail: bool = False) -> None:
+        self.host, self.port = host, port
+        self.after_message = after_message
+        self.misbehave_on = misbehave_on
+        self.swallow_dot_on = swallow_dot_on
+        self.hold_until_data = hold_until_data
+        self.rcpt_reply = rcpt_reply
+        self.at_next_mail = at_next_mail
+        self.connections = 0
+        self.messages: list[bytes] = []  # every message whose end of data arrived
+        self.verbs: list[list[str]] = []  # per connection
+        self._server: asyncio.base_events.Server | None = None
+
+    async def __aenter__(self) -> ScriptedMX:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        number = self.connections
+        verbs: list[str] = []
+        self.verbs.append(verbs)
+        held: list[bytes] = []
+        writer.write(b"220 scripted.test ESMTP\r\n")
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    return
+                verb = line.split(b" ", 1)[0].strip().upper().decode()
+                verbs.append(verb)
+                match verb:
+                    case "EHLO":
+                        writer.write(b"250-scripted.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+                    case "MAIL" if self.at_next_mail and number in self.misbehave_on and verbs.count("MAIL") > 1:
+                        if self.after_message == "421":
+                            writer.write(b"421 4.4.2 scripted.test closing\r\n")
+                            await writer.drain()
+                        return
+                    case "MAIL" | "RCPT" | "RSET" | "NOOP":
+                        reply = self.rcpt_reply if verb == "RCPT" else b"250 2.0.0 OK\r\n"
+                        if self.hold_until_data and verb in ("MAIL", "RCPT"):
+                            held.append(reply)
+                        else:
+                            writer.write(reply)
+                    case "DATA":
+                        writer.write(b"".join(held) + b"354 go ahead\r\n")
+                        held.clear()
+                        await writer.drain()
+                        content = b""
+                        while not content.endswith(b"\r\n.\r\n") and content != b".\r\n":
+                            content += await reader.readuntil(b"\r\n")
+                        self.messages.append(content)
+                        if len(self.messages) in self.swallow_dot_on:
+                            return
+                        writer.write(b"250 2.0.0 queued\r\n")
+                        if number in self.misbehave_on and not self.at_next_mail:
+                            if self.after_message == "421":
+                                writer.write(b"421 4.4.2 scripted.test idle timeout, closing\r\n")
+                            await writer.drain()
+                            return
+                    case "QUIT":
+                        writer.write(b"221 2.0.0 bye\r\n")
+                        await writer.drain()
+                        return
+                    case _:
+                        writer.write(b"502 5.5.1 no\r\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+def _msg(i: int) -> bytes:
+    return f"Subject: message {i}\r\n\r\nbody {i}\r\n".encode()
+
+
+def _env(tmp_path: Path, i: int) -> Envelope:
+    path = tmp_path / f"msg{i}.eml"
+    path.write_bytes(_msg(i))
+    return Envelope(queue_id=f"Q{i}", sender="alice@sender.test", data_path=path, size=len(_msg(i)))
+
+
+def test_several_messages_reuse_one_connection(tmp_path: Path, dns: DNSServer, smtp_port: int) -> None:
+    dns.add_a("winview.test", MX[2])
+
+    async def run() -> tuple[list[RecipientResult], FakeSMTP, int]:
+        async with FakeSMTP(MX[2], smtp_port) as fake:
+            courier = RemoteCourier(sender_config(tmp_path, dns, smtp_port), timeouts=FAST)
+            res = []
+            for i in range(3):
+                res += await courier.deliver(_env(tmp_path, i), ["bob@winview.test"])
+            idle = len(courier.cache)
+            await courier.aclose()
+            return res, fake, idle
+
+    res, fake, idle = asyncio.run(run())
+    assert [r.status for r in res] == ["delivered"] * 3, res
+    assert fake.connections == 1 and idle == 1
+    # One greeting and EHLO, then three transactions, then QUIT when the cache is closed.
+    assert fake.verbs == ["EHLO"] + ["MAIL", "RCPT", "DATA"] * 3 + ["QUIT"]
+    assert fake.raw_data == [_msg(i) + b".\r\n" for i in range(3)]
+
+
+def test_concurrent_deliveries_never_share_a_connection(tmp_path: Path, dns: DNSServer, smtp_port: int) -> None:
+    dns.add_a("winview.test", MX[2])
+
+    async def run() -> tuple[list[RecipientResult], FakeSMTP]:
+        async with FakeSMTP(MX[2], smtp_port) as fake:
+            courier = RemoteCourier(sender_config(tmp_path, dns, smtp_port), timeouts=FAST)
+            res: list[RecipientResult] = []
+            for wave in range(2):
+                outs = await asyncio.gather(*(courier.deliver(_env(tmp_path, 3 * wave + k), ["bob@winview.test"])
+                                              for k in range(3)))
+                res += [r for out in outs for r in out]
+            await courier.aclose()
+            return res, fake
+
+    res, fake = asyncio.run(run())
+    assert [r.status for r in res] == ["delivered"] * 6, res
+    # Three at once need three connections; the second wave reuses them, one each.
+    assert fake.connections == 3
+    assert sorted(fake.raw_data) == sorted(_msg(i) + b".\r\n" for i in range(6))
+
+
+@pytest.mark.parametrize("how", ["close", "421"])
+@pytest.mark.parametrize("at_next_mail", [False, True], ids=["while-idle", "at-next-mail"])
+def test_reused_connection_lost_before_data_falls_back_to_a_fresh_one(tmp_path: Path, dns: DNSServer,
+                                                                      smtp_port: int, how: str,
+                                                                      at_next_mail: bool) -> None:
+    dns.add_a("winview.test", MX[2])
+
+    async def run() -> tuple[list[RecipientResult], ScriptedMX]:
+        async with ScriptedMX(MX[2], smtp_port, after_message=how, misbehave_on=(1,),
+                              at_next_mail=at_next_mail) as mx:
+            courier = RemoteCourier(sender_config(tmp_path, dns, smtp_port), timeouts=FAST)
+            res = await courier.deliver(_env(tmp_path, 1), ["bob@winview.test"])
+            await asyncio.sleep(0.1)  # the server has hung up on the idle connection by now
+            res += await courier.deliver(_env(tmp_path, 2), ["bob@winview.test"])
+            await courier.aclose()
+            return res, mx
+
+    res, mx = asyncio.run(run())
+    assert [r.status for r in res] == ["delivered", "delivered"], res
+    # The second message went over a second connection, exactly once: nothing lost, no duplicate.
+    assert mx.connections == 2
+    assert mx.verbs[1] == ["EHLO", "MAIL", "RCPT", "DATA", "QUIT"]
+    if at_next_mail:
+        assert mx.verbs[0][-1] == "MAIL"  # the reuse was tried, and failed at MAIL
+    assert mx.messages == [_msg(1) + b".\r\n", _msg(2) + b".\r\n"]
+
+
+def test_reused_connection_lost_after_end_of_data_defers_without_retry(tmp_path: Path, dns: DNSServer,
+                                                                       smtp_port: int) -> None:
+    dns.add_a("winview.test", MX[2])
+
+    async def run() -> tuple[list[RecipientResult], ScriptedMX]:
+        async with ScriptedMX(MX[2], smtp_port, swallow_dot_on=(2,)) as mx:
+            courier = RemoteCourier(sender_config(tmp_path, dns, smtp_port), timeouts=FAST)
+            res = await courier.deliver(_env(tmp_path, 1), ["bob@winview.test"])
+            res += await courier.deliver(_env(tmp_path, 2), ["bob@winview.test"])
+            await courier.aclose()
+            return res, mx
+
+    res, mx = asyncio.run(run())
+    # The server may have committed message 2 (RFC 5321 §6.1): deferred, not resent elsewhere.
+    assert [r.status for r in res] == ["delivered", "deferred"], res
+    assert "after end of data" in res[1].reply
+    assert mx.connections == 1 and len(mx.messages) == 2
+
+
+def test_idle_connection_expires_with_quit(tmp_path: Path, dns: DNSServer, smtp_port: int) -> None:
+    dns.add_a("winview.test", MX[2])
+
+    async def run() -> tuple[list[RecipientResult], FakeSMTP, int]:
+        async with FakeSMTP(MX[2], smtp_port) as fake:
+            courier = RemoteCourier(sender_config(tmp_path, dns, smtp_port), timeouts=FAST,
+                                    cache=ConnectionCache(idle_timeout=0.2))
+            res = await courier.deliver(_env(tmp_path, 1), ["bob@winview.test"])
+            await asyncio.sleep(0.6)
+            idle = len(courier.cache)
+            res += await courier.deliver(_env(tmp_path, 2), ["bob@winview.test"])
+            await courier.aclose()
+            return res, fake, idle
+
+    res, fake, idle = asyncio.run(run())
+    assert [r.status for r in res] == ["delivered", "delivered"]
+    assert idle == 0 and fake.connections == 2
+    assert fake.verbs == ["EHLO", "MAIL", "RCPT", "DATA", "QUIT"] * 2
+
+
+def test_no_reuse_when_the_cache_is_off(tmp_path: Path, dns: DNSServer, smtp_port: int) -> None:
+    dns.add_a("winview.test", MX[2])
+
+    async def run() -> FakeSMTP:
+        async with FakeSMTP(MX[2], smtp_port) as fake:
+            courier = RemoteCourier(sender_config(tmp_path, dns, smtp_port), timeouts=FAST,
+                                    cache=ConnectionCache(idle_timeout=0))
+            for i in range(2):
+                await courier.deliver(_env(tmp_path, i), ["bob@winview.test"])
+            return fake
+
+    fake = asyncio.run(run())
+    assert fake.connections == 2 and fake.verbs.count("QUIT") == 2
+
+
+def test_data_is_pipelined_with_mail_and_rcpt(tmp_path: Path, dns: DNSServer, smtp_port: int) -> None:
+    # RFC 2920 §3.1: DATA may close the command group. This server answers MAIL and RCPT only
+    # once DATA has arrived: a client that waited for them before sending DATA would time out.
+    dns.add_a("winview.test", MX[2])
+
+    async def run() -> tuple[list[RecipientResult], ScriptedMX]:
+        async with ScriptedMX(MX[2], smtp_port, hold_until_data=True) as mx:
+            res = await deliver_once(sender_config(tmp_path, dns, smtp_port), _env(tmp_path, 1),
+                                     ["bob@winview.test", "carol@winview.test"])
+            return res, mx
+
+    res, mx = asyncio.run(run())
+    assert [r.status for r in res] == ["delivered", "delivered"], res
+    assert mx.verbs == [["EHLO", "MAIL", "RCPT", "RCPT", "DATA", "QUIT"]]
+
+
+def test_all_recipients_refused_but_data_accepted_sends_only_the_dot(tmp_path: Path, dns: DNSServer,
+                                                                    smtp_port: int) -> None:
+    # The server answers 354 to a pipelined DATA even with no valid recipient: the client must
+    # then end the data at once (RFC 2920 §3.1) and never send the message.
+    dns.add_a("winview.test", MX[2])
+
+    async def run() -> tuple[list[RecipientResult], ScriptedMX]:
+        async with ScriptedMX(MX[2], smtp_port, rcpt_reply=b"550 5.1.1 no such user\r\n") as mx:
+            res = await deliver_once(sender_config(tmp_path, dns, smtp_port), _env(tmp_path, 1), ["bob@winview.test"])
+            return res, mx
+
+    res, mx = asyncio.run(run())
+    assert [(r.status, r.reply) for r in res] == [("failed", "550 5.1.1 no such user")]
+    assert mx.messages == [b".\r\n"]

@@ -28,6 +28,22 @@ Invariants:
 * The message is streamed from its file in 1 MiB chunks, never loaded whole; once the end of
   data has been sent, a lost reply defers (never retries on another MX in the same run): the
   duplicate window of RFC 5321 §6.1 is kept as short as it can be.
+
+Connection reuse (RFC 5321 §3.3: a session may carry several transactions; issue 5: "several
+messages to the same destination may reuse a connection"): after a transaction that ended
+cleanly, the connection goes to a small :class:`ConnectionCache` keyed by destination (address,
+port, exchanger name and TLS policy) instead of being closed. The next delivery to that
+destination takes it (skipping connect, greeting, EHLO, STARTTLS and AUTH) and simply starts
+with MAIL. The cache is bounded (idle connections per destination and in all, each kept idle
+for ``idle_timeout`` seconds, reused at most ``max_uses`` times and for ``max_age`` seconds);
+a connection is owned by exactly one delivery at a time (taken out of the cache while used,
+never shared). Any error, any 421, any transaction that did not end cleanly drops it. A reused
+connection that fails before the end of data was sent delivered nothing, so the transaction
+is started again on a fresh connection to the same address (not counted as another MX
+attempt); after the end of data was sent, the rules above apply unchanged (no retry, defer).
+
+With PIPELINING, DATA is sent in the same group as MAIL and the RCPTs (RFC 2920 §3.1: DATA may
+be the last command of a group), so a message over a reused connection costs two round trips.
 """
 
 from __future__ import annotations
@@ -38,7 +54,7 @@ import ipaddress
 import logging
 import random
 import ssl
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Hashable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -112,6 +128,18 @@ class _Session:
         self.writer = writer
         self.route = route
         self.engine = SMTPClientConnection()
+        self.opened = asyncio.get_running_loop().time()
+        self.uses = 0  # transactions completed on this connection
+        self.idle_timer: asyncio.TimerHandle | None = None
+
+    def usable(self) -> bool:
+        """Can a new transaction start here? (no reply outstanding, neither side closed)"""
+        return (not self.engine.closed and not self.engine.expecting and not self.writer.is_closing()
+                and not self.reader.at_eof())
+
+    def abort(self) -> None:
+        """Drop the connection at once (its state is unknown: never reuse it)."""
+        self.writer.transport.abort()
 
     def flush(self) -> None:
         out = self.engine.data_to_send()
@@ -160,17 +188,134 @@ class _Session:
             await asyncio.wait_for(self.writer.wait_closed(), timeout)
 
 
+def _open_and_read(path: Path) -> tuple[Any, bytes]:
+    """Open ``path`` and read its first chunk; the file is already closed (None) when that
+    chunk was the whole file, so a small message costs one thread hop, not three."""
+    f = open(path, "rb")  # closed here, or by _read_chunks
+    try:
+        chunk = f.read(CHUNK)
+    except BaseException:
+        f.close()
+        raise
+    if len(chunk) < CHUNK:
+        f.close()
+        return None, chunk
+    return f, chunk
+
+
 async def _read_chunks(path: Path) -> AsyncGenerator[bytes, None]:
     """Async generator of the file's chunks (reads run in a thread, off the event loop)."""
-    f = await asyncio.to_thread(open, path, "rb")
-    try:
-        while True:
-            chunk = await asyncio.to_thread(f.read, CHUNK)
-            if not chunk:
-                return
+    f, chunk = await asyncio.to_thread(_open_and_read, path)
+    if f is None:
+        if chunk:
             yield chunk
+        return
+    try:
+        while chunk:
+            yield chunk
+            chunk = await asyncio.to_thread(f.read, CHUNK)
     finally:
         f.close()
+
+
+class ConnectionCache:
+    """Idle SMTP client connections kept for the next message to the same destination.
+
+    Bounded: at most ``max_idle_per_key`` idle connections per destination and ``max_idle``
+    in all; each stays idle at most ``idle_timeout`` seconds (then QUIT), carries at most
+    ``max_uses`` transactions and lives at most ``max_age`` seconds. :meth:`take` removes the
+    connection from the cache, so a connection is never used by two deliveries at once.
+    Bound to the event loop that first used it (a connection cannot cross loops).
+    """
+
+    def __init__(self, *, idle_timeout: float = 3.0, max_idle: int = 64, max_idle_per_key: int = 16,
+                 max_uses: int = 1000, max_age: float = 300.0, quit_timeout: float = 5.0) -> None:
+        self.idle_timeout = idle_timeout
+        self.max_idle = max_idle
+        self.max_idle_per_key = max_idle_per_key
+        self.max_uses = max_uses
+        self.max_age = max_age
+        self.quit_timeout = quit_timeout
+        self._idle: dict[Hashable, list[_Session]] = {}
+        self._count = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+        self.reused = 0  # observability: transactions that skipped a new connection
+
+    def __len__(self) -> int:
+        return self._count
+
+    def _bind(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            # A previous loop's connections are unusable here (and that loop is gone).
+            self._idle.clear()
+            self._count = 0
+            self._closing.clear()
+            self._loop = loop
+        return loop
+
+    def take(self, key: Hashable) -> _Session | None:
+        """An idle connection to ``key`` that still looks usable, or None."""
+        loop = self._bind()
+        stack = self._idle.get(key)
+        while stack:
+            s = stack.pop()  # the most recently used: the least likely to have timed out
+            self._count -= 1
+            if not stack:
+                del self._idle[key]
+            if s.idle_timer is not None:
+                s.idle_timer.cancel()
+                s.idle_timer = None
+            if s.usable() and loop.time() - s.opened < self.max_age:
+                return s
+            self._close_later(s)
+        return None
+
+    def put(self, key: Hashable, s: _Session) -> bool:
+        """Keep ``s`` for reuse; False (and the caller closes it) when it may not be kept."""
+        loop = self._bind()
+        if (self.idle_timeout <= 0 or not s.usable() or s.uses >= self.max_uses
+                or loop.time() - s.opened >= self.max_age or self._count >= self.max_idle
+                or len(self._idle.get(key, ())) >= self.max_idle_per_key):
+            return False
+        self._idle.setdefault(key, []).append(s)
+        self._count += 1
+        s.idle_timer = loop.call_later(self.idle_timeout, self._expire, key, s)
+        return True
+
+    def _expire(self, key: Hashable, s: _Session) -> None:
+        stack = self._idle.get(key)
+        if stack is None or s not in stack:
+            return
+        stack.remove(s)
+        self._count -= 1
+        if not stack:
+            del self._idle[key]
+        s.idle_timer = None
+        self._close_later(s)
+
+    def _close_later(self, s: _Session) -> None:
+        task = asyncio.get_running_loop().create_task(s.close(self.quit_timeout))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def aclose(self) -> None:
+        """QUIT every idle connection (server shutdown) and wait for the closes."""
+        if self._loop is not asyncio.get_running_loop():
+            self._idle.clear()
+            self._count = 0
+            return
+        for stack in list(self._idle.values()):
+            for s in stack:
+                if s.idle_timer is not None:
+                    s.idle_timer.cancel()
+                    s.idle_timer = None
+                self._close_later(s)
+        self._idle.clear()
+        self._count = 0
+        if self._closing:
+            await asyncio.wait(list(self._closing), timeout=self.quit_timeout + 1)
 
 
 def _is_ip(host: str) -> bool:
@@ -185,12 +330,19 @@ class RemoteCourier:
     """The :class:`~serpentmail.delivery.base.Courier` for recipients in other domains."""
 
     def __init__(self, config: Config, resolver: Resolver | None = None, rng: random.Random | None = None,
-                 timeouts: Timeouts | None = None) -> None:
+                 timeouts: Timeouts | None = None, cache: ConnectionCache | None = None) -> None:
         self.config = config
         self.rng = rng or random.Random()
         self.resolver: Resolver = resolver or DNSResolver.from_config(config, self.rng)
         self.timeouts = timeouts or Timeouts(connect=config.delivery.connect_timeout)
         self._verify_domains = frozenset(d.lower().rstrip(".") for d in config.delivery.tls_verify_domains)
+        # Idle connections per destination; ConnectionCache(idle_timeout=0) turns reuse off.
+        self.cache = cache if cache is not None else ConnectionCache(
+            quit_timeout=self.timeouts.quit, max_idle_per_key=max(1, config.delivery.max_per_domain))
+
+    async def aclose(self) -> None:
+        """Close the idle connections (QUIT). Deliveries may still run afterwards."""
+        await self.cache.aclose()
 
     # --- the Courier API -------------------------------------------------------------
 
@@ -208,9 +360,12 @@ class RemoteCourier:
                                     diagnostic_type="x-local") for r in recipients]
         out = [results.get(r) or RecipientResult(r, "deferred", "451 4.3.0 not attempted", diagnostic_type="x-local")
                for r in recipients]
-        for res in out:
-            log_event(log, "delivery", queue_id=envelope.queue_id, to=res.recipient, status=res.status,
-                      relay=res.remote_mta or "none", reply=res.reply)
+        # The scheduler logs each result at INFO ("delivery ... relay= attempts= delay="); this
+        # courier-side line is the same fact, so only for debugging.
+        if log.isEnabledFor(logging.DEBUG):
+            for res in out:
+                log_event(log, "delivery", logging.DEBUG, queue_id=envelope.queue_id, to=res.recipient,
+                          status=res.status, relay=res.remote_mta or "none", reply=res.reply)
         return out
 
     # --- routing ---------------------------------------------------------------------
@@ -329,15 +484,50 @@ class RemoteCourier:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(route.address, route.port, **kwargs), t.connect)
         return _Session(reader, writer, route)
 
+    def _cache_key(self, route: Route, domain: str) -> Hashable:
+        # Everything that shapes a session before MAIL: where, the name TLS checks, the policy.
+        return (route.address, route.port, route.name, self._tls_required(domain), self._tls_verify(domain))
+
     async def _attempt(self, route: Route, domain: str, envelope: Envelope, pending: list[str],
                        results: dict[str, RecipientResult]) -> None:
-        """One connection. Final outcomes go into ``results``; _HostFailure means "next one"."""
+        """One address. Final outcomes go into ``results``; _HostFailure means "next one"."""
         t = self.timeouts
+        key = self._cache_key(route, domain)
+        session = self.cache.take(key)
+        if session is not None:
+            trial: dict[str, RecipientResult] = {}
+            try:
+                clean = await self._transaction(session, domain, envelope, pending, trial)
+            except (_HostFailure, OSError, TimeoutError, ReplyError, asyncio.IncompleteReadError,
+                    ssl.SSLError) as exc:
+                # Only raised before the end of data went out (after it, _final never
+                # raises): the server took nothing. Start again on a fresh connection.
+                session.abort()
+                log_event(log, "reuse-failed", logging.DEBUG, queue_id=envelope.queue_id, host=route.name,
+                          error=getattr(exc, "reason", None) or type(exc).__name__)
+            except BaseException:
+                session.abort()
+                raise
+            else:
+                self.cache.reused += 1
+                results.update(trial)
+                await self._release(key, session, clean)
+                return
         session = await self._connect(route, domain)
+        clean = False
         try:
-            await self._transaction(session, domain, envelope, pending, results)
+            await self._open(session, domain)
+            clean = await self._transaction(session, domain, envelope, pending, results)
         finally:
-            await session.close(t.quit)
+            if clean:
+                await self._release(key, session, clean)
+            else:
+                await session.close(t.quit)
+
+    async def _release(self, key: Hashable, session: _Session, clean: bool) -> None:
+        session.uses += 1
+        if not (clean and self.cache.put(key, session)):
+            await session.close(self.timeouts.quit)
 
     async def _hello(self, s: _Session) -> None:
         t = self.timeouts
@@ -346,8 +536,8 @@ class RemoteCourier:
         if not r.is_positive:
             raise s.fail(r, "EHLO/HELO")
 
-    async def _transaction(self, s: _Session, domain: str, envelope: Envelope, pending: list[str],
-                           results: dict[str, RecipientResult]) -> None:
+    async def _open(self, s: _Session, domain: str) -> None:
+        """Greeting, EHLO, STARTTLS and AUTH: a fresh connection made ready for MAIL."""
         t = self.timeouts
         cfg = self.config.delivery
         eng = s.engine
@@ -390,6 +580,25 @@ class RemoteCourier:
             if r.code != 235:
                 raise s.fail(r, "AUTH")
 
+    async def _reset(self, s: _Session) -> bool:
+        """RSET (RFC 5321 §4.1.1.5) after an unfinished transaction; True when the session
+        is clean again, so it may be reused."""
+        if not s.usable():
+            return False
+        try:
+            s.engine.rset()
+            r = await s.one(self.timeouts.helo)
+        except (_HostFailure, OSError, TimeoutError, ReplyError, asyncio.IncompleteReadError, ssl.SSLError):
+            return False
+        return r.code == 250
+
+    async def _transaction(self, s: _Session, domain: str, envelope: Envelope, pending: list[str],
+                           results: dict[str, RecipientResult]) -> bool:
+        """One mail transaction on a ready session. Returns True when it ended cleanly (a new
+        MAIL may follow on this connection), False when the connection must be closed.
+        Raises only before the end of data was sent."""
+        t = self.timeouts
+        eng = s.engine
         ext = eng.extensions
         # --- SIZE (RFC 1870 §4): refuse before sending a single octet of the message ------
         limit = ext.size_limit
@@ -399,7 +608,7 @@ class RemoteCourier:
                     rcpt, "failed",
                     f"552 5.3.4 Message size ({envelope.size}) exceeds the fixed maximum message size ({limit}) of {s.route.name}",
                     s.route.name, "x-local")
-            return
+            return True
 
         # --- SMTPUTF8 (RFC 6531 §3.2): non-ASCII addresses need a server that offers it --
         utf8 = envelope.smtputf8 and "SMTPUTF8" in ext
@@ -409,21 +618,28 @@ class RemoteCourier:
             if not envelope.sender.isascii():
                 for rcpt in todo:
                     results[rcpt] = RecipientResult(rcpt, "failed", bad, s.route.name, "x-local")
-                return
+                return True
             for rcpt in [r for r in todo if not r.isascii()]:
                 results[rcpt] = RecipientResult(rcpt, "failed", bad, s.route.name, "x-local")
             todo = [r for r in todo if r.isascii()]
             if not todo:
-                return
+                return True
 
         # --- MAIL and RCPT, pipelined when offered (RFC 2920 §3.1) -----------------------
         body = "8BITMIME" if envelope.body_8bit and "8BITMIME" in ext else None
         eng.mail(envelope.sender, size=envelope.size if limit is not None else None, body=body, smtputf8=utf8)
+        chunking = "CHUNKING" in ext
+        data_reply: ServerReply | None = None
         if "PIPELINING" in ext:
             for rcpt in todo:
                 eng.rcpt(rcpt)
-            replies = await s.exchange(max(t.mail, t.rcpt))
-            mail_reply, rcpt_replies = replies[0], replies[1:]
+            if not chunking:
+                # RFC 2920 §3.1: DATA may end the group; its reply tells whether to send.
+                eng.data()
+            replies = await s.exchange(max(t.mail, t.rcpt, t.data_init))
+            mail_reply, rcpt_replies = replies[0], replies[1:1 + len(todo)]
+            if not chunking:
+                data_reply = replies[-1]
         else:
             mail_reply = await s.one(t.mail)
             rcpt_replies = []
@@ -432,12 +648,14 @@ class RemoteCourier:
                     eng.rcpt(rcpt)
                     rcpt_replies.append(await s.one(t.rcpt))
         if not mail_reply.is_positive:
-            if mail_reply.is_permanent:
-                # The sender itself is refused: permanent for every recipient.
-                for rcpt in todo:
-                    results[rcpt] = RecipientResult(rcpt, "failed", str(mail_reply), s.route.name)
-                return
-            raise s.fail(mail_reply, "MAIL FROM")
+            if not mail_reply.is_permanent:
+                raise s.fail(mail_reply, "MAIL FROM")
+            # The sender itself is refused: permanent for every recipient.
+            for rcpt in todo:
+                results[rcpt] = RecipientResult(rcpt, "failed", str(mail_reply), s.route.name)
+            if data_reply is not None and data_reply.code == 354:
+                return await self._abandon_data(s)
+            return await self._reset(s)
         accepted: list[str] = []
         for rcpt, r in zip(todo, rcpt_replies, strict=True):
             if r.is_positive:
@@ -445,8 +663,10 @@ class RemoteCourier:
             else:
                 results[rcpt] = RecipientResult(rcpt, "failed" if r.is_permanent else "deferred", str(r), s.route.name)
         if not accepted:
-            eng.rset()
-            return
+            if data_reply is not None and data_reply.code == 354:
+                # RFC 2920 §3.1: DATA accepted although no recipient was: send just the dot.
+                return await self._abandon_data(s)
+            return await self._reset(s)
 
         # --- the message: BDAT (RFC 3030) or DATA (RFC 5321 §4.1.1.4) ----------------------
         def settle(reply: ServerReply) -> None:
@@ -454,14 +674,15 @@ class RemoteCourier:
             for rcpt in accepted:
                 results[rcpt] = RecipientResult(rcpt, status, str(reply), s.route.name)
 
-        if "CHUNKING" in ext:
+        if chunking:
             final = await self._send_bdat(s, envelope.data_path)
         else:
-            eng.data()
-            r = await s.one(t.data_init)
-            if r.code != 354:
-                settle(r)
-                return
+            if data_reply is None:
+                eng.data()
+                data_reply = await s.one(t.data_init)
+            if data_reply.code != 354:
+                settle(data_reply)
+                return await self._reset(s)
             final = await self._send_data(s, envelope.data_path)
         if final is None:
             # The end of data went out but its reply never came: RFC 5321 §6.1 window.
@@ -469,15 +690,28 @@ class RemoteCourier:
                 results[rcpt] = RecipientResult(
                     rcpt, "deferred", f"451 4.4.2 no reply from {s.route.name} after end of data; will retry",
                     s.route.name, "x-local")
-            return
+            return False
         settle(final)
+        if final.command == "BDAT" and final.argument != "LAST":
+            return await self._reset(s)  # a BDAT chunk refused: the transaction is unfinished
+        return 200 <= final.code < 300 or await self._reset(s)
+
+    async def _abandon_data(self, s: _Session) -> bool:
+        """A 354 came although nothing may be sent: end the (empty) data and drop the
+        connection (whatever the server makes of it, no recipient was accepted)."""
+        s.engine.end_data(b".\r\n")
+        await self._final(s, self.timeouts.data_end)
+        return False
 
     async def _send_data(self, s: _Session, path: Path) -> ServerReply | None:
         t = self.timeouts
         stuffer = DotStuffer()
         async for chunk in _read_chunks(path):
-            s.writer.write(stuffer.feed(chunk))
-            await asyncio.wait_for(s.writer.drain(), t.data_block)
+            s.engine.send_content(stuffer.feed(chunk))
+            if len(chunk) >= CHUNK:  # more may follow: bound what is buffered
+                s.flush()
+                await asyncio.wait_for(s.writer.drain(), t.data_block)
+        # The last chunk and the terminator leave in one write.
         s.engine.end_data(stuffer.end())
         return await self._final(s, t.data_end)
 
