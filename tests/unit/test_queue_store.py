@@ -114,3 +114,48 @@ def test_envelope_round_trip() -> None:
     assert EnvelopeRecord.from_json(store_rec.to_json()) == store_rec
     with pytest.raises(ValueError):
         EnvelopeRecord.from_json(b'{"version": 99}')
+
+
+def test_remove_many_commits_a_batch_with_one_directory_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import serpentmail.queue.store as store_mod
+
+    store = QueueStore(tmp_path)
+    ids = []
+    for i in range(5):
+        rec = store.enqueue_bytes(f"Subject: {i}\r\n\r\nx\r\n".encode(), "a@b.test", ["x@y.test"])
+        assert rec is not None
+        ids.append(rec.id)
+    synced: list[Path] = []
+    monkeypatch.setattr(store_mod, "fsync_dir", synced.append)
+    assert store.remove_many([*ids, "0000000000000000AAAAAA"]) == set(ids)
+    # env/ once (the commit point for all five); data/ never: a data file without its
+    # envelope is removed by recover() anyway.
+    assert synced == [store.env]
+    assert list(store.ids()) == [] and list(store.data.iterdir()) == []
+    assert store.remove_many(ids) == set() and synced == [store.env]
+
+
+def test_remove_batched_groups_concurrent_removals(tmp_path: Path) -> None:
+    class Counting(QueueStore):
+        batches: list[list[str]] = []
+
+        def remove_many(self, qids: list[str]) -> set[str]:
+            self.batches.append(list(qids))
+            return super().remove_many(qids)
+
+    store = Counting(tmp_path)
+    ids = []
+    for i in range(20):
+        rec = store.enqueue_bytes(f"Subject: {i}\r\n\r\nx\r\n".encode(), "a@b.test", ["x@y.test"])
+        assert rec is not None
+        ids.append(rec.id)
+
+    async def go() -> tuple[list[bool], bool]:
+        results = await asyncio.gather(*(store.remove_batched(q) for q in ids))
+        return list(results), await store.remove_batched(ids[0])
+
+    results, again = asyncio.run(go())
+    assert results == [True] * 20 and again is False  # the second time it was already gone
+    # All twenty were asked before the first batch ran: one batch, one env/ fsync.
+    assert store.batches == [ids, [ids[0]]]
+    assert list(store.ids()) == []

@@ -17,6 +17,7 @@ from serpentmail.config import Config, DeliveryConfig, embedded_default
 from serpentmail.delivery.base import Envelope, RecipientResult, Status
 from serpentmail.queue.scheduler import COURIER_ERROR, Scheduler
 from serpentmail.queue.store import QueueStore
+from serpentmail.storage.maildir import SpoolFile
 
 T0 = 1_700_000_000.0
 
@@ -306,3 +307,140 @@ def test_flush_and_retry_requests(tmp_path: Path) -> None:
     assert courier.attempts("x@far.test") == 3
     rec = store.load(qid)
     assert rec is not None and rec.recipients[0].attempts == 1  # backoff restarted by retry
+
+
+class SpyStore(QueueStore):
+    """Counts envelope rewrites and reads; ``crash_on_remove`` makes removal fail like a
+    crash at that instant (nothing of the removal reaches the disk)."""
+
+    def __init__(self, *args: Any, crash_on_remove: bool = False, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.saves = 0
+        self.loads = 0
+        self.crash_on_remove = crash_on_remove
+
+    def save(self, record: Any) -> bool:
+        self.saves += 1
+        return super().save(record)
+
+    def load(self, qid: str) -> Any:
+        self.loads += 1
+        return super().load(qid)
+
+    def remove_many(self, qids: list[str]) -> set[str]:
+        if self.crash_on_remove:
+            raise RuntimeError("simulated crash before the removal is durable")
+        return super().remove_many(qids)
+
+
+def _spy(tmp_path: Path, courier: Any, clock: Clock, **kw: Any) -> tuple[Scheduler, SpyStore]:
+    store = SpyStore(tmp_path, clock=clock, **kw)
+    return Scheduler(store, courier, config(tmp_path), clock=clock, rng=random.Random(7)), store
+
+
+async def _enqueue(sched: Scheduler, store: QueueStore, rcpts: list[str]) -> str:
+    spool = SpoolFile(store.spool_tmp)
+    spool.write(b"Subject: hello\r\n\r\nbody\r\n")
+    return await sched.enqueue(spool, "bill@home.test", rcpts)
+
+
+def test_delivered_at_first_attempt_is_removed_without_rewrite_or_reread(tmp_path: Path) -> None:
+    clock = Clock()
+    courier = FakeCourier()
+    sched, store = _spy(tmp_path, courier, clock)
+
+    async def go() -> str:
+        await sched.load()
+        qid = await _enqueue(sched, store, ["a@far.test", "b@near.test"])
+        await sched.run_once()
+        return qid
+
+    qid = asyncio.run(go())
+    assert courier.attempts("a@far.test") == 1 and courier.attempts("b@near.test") == 1
+    # The removal is the write-back; the envelope just written is not read back either.
+    assert store.saves == 0 and store.loads == 0
+    assert not store.exists(qid) and list(store.ids()) == []
+
+
+def test_partial_results_are_written_back_before_anything_else(tmp_path: Path) -> None:
+    clock = Clock()
+    courier = FakeCourier({"late@far.test": "deferred", "bad@far.test": "failed"})
+    sched, store = _spy(tmp_path, courier, clock)
+
+    async def go() -> str:
+        await sched.load()
+        qid = await _enqueue(sched, store, ["ok@near.test", "late@far.test", "bad@far.test"])
+        await sched.run_once()
+        return qid
+
+    qid = asyncio.run(go())
+    rec = store.load(qid)
+    assert rec is not None
+    assert [r.state for r in rec.recipients] == ["delivered", "pending", "failed"]
+    assert rec.recipients[2].notified and store.saves >= 1
+
+
+def test_all_final_with_a_bounce_saves_results_before_the_dsn(tmp_path: Path) -> None:
+    clock = Clock()
+    courier = FakeCourier({"bad@far.test": "failed"})
+    sched, store = _spy(tmp_path, courier, clock)
+
+    async def go() -> str:
+        await sched.load()
+        qid = await _enqueue(sched, store, ["ok@near.test", "bad@far.test"])
+        await sched.run_once()
+        return qid
+
+    qid = asyncio.run(go())
+    # Results saved first (a crash before the DSN must not redeliver ok@near.test), then the
+    # DSN, then the removal; the DSN itself went out and was removed without a rewrite.
+    assert store.saves >= 1 and not store.exists(qid)
+    assert len(dsns(courier)) == 1 and list(store.ids()) == []
+
+
+def test_crash_before_the_removal_is_durable_redelivers_never_loses(tmp_path: Path) -> None:
+    clock = Clock()
+    courier = FakeCourier()
+    sched, store = _spy(tmp_path, courier, clock, crash_on_remove=True)
+
+    async def first() -> str:
+        await sched.load()
+        qid = await _enqueue(sched, store, ["a@far.test"])
+        await sched.run_once()
+        return qid
+
+    qid = asyncio.run(first())
+    # The remote said 250 but the removal never reached the disk: still queued, pending.
+    rec = QueueStore(tmp_path).load(qid)
+    assert rec is not None and [r.state for r in rec.recipients] == ["pending"]
+    courier2 = FakeCourier()
+    store2 = QueueStore(tmp_path, clock=clock)
+    sched2 = Scheduler(store2, courier2, config(tmp_path), clock=clock, rng=random.Random(1))
+
+    async def restart() -> None:
+        assert await sched2.load() == 1
+        await sched2.run_once()
+
+    asyncio.run(restart())
+    # Delivered again after the restart (the RFC 5321 §6.1 duplicate window), then gone.
+    assert courier.attempts("a@far.test") == 1 and courier2.attempts("a@far.test") == 1
+    assert not store2.exists(qid)
+
+
+def test_stop_closes_the_couriers_idle_connections(tmp_path: Path) -> None:
+    clock = Clock()
+
+    class Closable(FakeCourier):
+        closed = False
+
+        async def aclose(self) -> None:
+            Closable.closed = True
+
+    sched, _store = make(tmp_path, Closable(), clock)
+
+    async def go() -> None:
+        await sched.start()
+        await sched.stop()
+
+    asyncio.run(go())
+    assert Closable.closed

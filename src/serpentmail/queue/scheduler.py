@@ -20,7 +20,9 @@ Rules (issue 5; Postfix's qmgr is the model):
 
 Crash safety comes from the order of writes (see docs/queue-states.md): results are saved
 to the envelope before any DSN is queued; a DSN has a deterministic id (``<id>B<n>``,
-``<id>W``), so re-running the step after a crash finds it already queued.
+``<id>W``), so re-running the step after a crash finds it already queued. A pass that leaves
+every recipient final with no DSN to queue removes the item without rewriting it first (the
+durable envelope unlink is its write-back; removals are group-committed by the store).
 
 The world is injected: ``clock`` (seconds, float) and ``rng`` (random.Random), so tests drive
 time by hand and call :meth:`Scheduler.run_once` instead of sleeping.
@@ -102,6 +104,10 @@ class Scheduler:
         self._stopping = False
         self.max_seen_total = 0  # observability for tests and `queue` stats
         self._in_flight = 0
+        # Envelopes this process just wrote (enqueue, DSNs), handed to their first pass so it
+        # need not read back what is already in memory. Bounded; the file stays the truth.
+        self._fresh: dict[str, EnvelopeRecord] = {}
+        self.fresh_limit = 1024
 
     # --- index ---------------------------------------------------------------------------
 
@@ -132,8 +138,19 @@ class Scheduler:
         """Commit the message (group commit; returns only once durable) and schedule it."""
         rec = await self.store.enqueue(spool, sender, recipients, smtputf8=smtputf8, body_8bit=body_8bit)
         log_event(log, "queued", id=rec.id, **{"from": f"<{sender}>"}, nrcpt=len(rec.recipients), size=rec.size)
+        self._remember(rec)
         self._index_record(rec, force=True)
         return rec.id
+
+    def _remember(self, rec: EnvelopeRecord) -> None:
+        if len(self._fresh) < self.fresh_limit:
+            self._fresh[rec.id] = rec
+
+    async def _load(self, qid: str) -> EnvelopeRecord | None:
+        rec = self._fresh.pop(qid, None)
+        if rec is not None:
+            return rec
+        return await asyncio.to_thread(self.store.load, qid)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -186,6 +203,13 @@ class Scheduler:
                 t.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
+        aclose = getattr(self.courier, "aclose", None)
+        if aclose is not None:
+            # Idle connections kept for reuse get their QUIT now.
+            try:
+                await aclose()
+            except Exception:
+                log.exception("closing the couriers failed")
         log_event(log, "scheduler stopped", left_pending=len(self._index) + len(self._active))
 
     async def _run(self) -> None:
@@ -327,7 +351,7 @@ class Scheduler:
                 self._domain_sems.pop(domain, None)
 
     async def _process_inner(self, qid: str, reserved: frozenset[str], released: set[str]) -> None:
-        rec = await asyncio.to_thread(self.store.load, qid)
+        rec = await self._load(qid)
         if rec is None or not self.store.exists(qid):
             log_event(log, "gone", id=qid)  # deleted by the CLI, or already finished
             self._forced.discard(qid)
@@ -428,13 +452,23 @@ class Scheduler:
         for r in rec.pending:
             if now >= deadline and r.attempts > 0:
                 r.state, r.expired = "failed", True
+        unreported = [r for r in rec.recipients if r.state == "failed" and not r.notified]
+        if rec.done and not (unreported and rec.sender):
+            # Every recipient is final and there is no DSN to queue: the removal is the
+            # write-back (its commit point, the envelope unlink made durable, is where a
+            # rewrite would have been; a crash before it leaves exactly what a crash before
+            # the rewrite would: these recipients pending, the RFC 5321 §6.1 window).
+            for r in unreported:
+                log_event(log, "bounce suppressed: null sender", logging.WARNING, id=rec.id,
+                          to=f"<{r.address}>", reply=r.last_reply)
+            await self._remove(rec.id)
+            return
         # 1. Results first: a delivered recipient must be on disk as delivered as soon as
         #    possible (it shrinks the RFC 5321 §6.1 duplicate window).
         if not await asyncio.to_thread(self.store.save, rec):
             log_event(log, "gone", id=rec.id)
             return
         # 2. One DSN for every recipient that failed and was not reported yet.
-        unreported = [r for r in rec.recipients if r.state == "failed" and not r.notified]
         if unreported:
             if rec.sender:
                 await self._send_dsn(rec, unreported, "failed", now, f"{rec.id}B{rec.dsn_count}")
@@ -453,9 +487,7 @@ class Scheduler:
             rec.warned = True
         # 4. Done → remove; otherwise save and reschedule.
         if rec.done:
-            await asyncio.to_thread(self.store.remove, rec.id)
-            self._forced.discard(rec.id)
-            log_event(log, "removed", id=rec.id)
+            await self._remove(rec.id)
             return
         if unreported or rec.warned:
             if not await asyncio.to_thread(self.store.save, rec):
@@ -466,6 +498,11 @@ class Scheduler:
             due = min(due, self.clock())
         if not self._stopping:
             self._schedule(rec.id, due, rec.pending_domains())
+
+    async def _remove(self, qid: str) -> None:
+        await self.store.remove_batched(qid)  # group commit: one env/ fsync per batch
+        self._forced.discard(qid)
+        log_event(log, "removed", id=qid)
 
     async def _send_dsn(self, rec: EnvelopeRecord, rcpts: list[RecipientRecord], action: str,
                         now: float, dsn_id: str) -> None:
@@ -498,6 +535,7 @@ class Scheduler:
             return
         log_event(log, "dsn queued", id=rec.id, dsn=dsn.id, action=action, to=f"<{rec.sender}>",
                   recipients=",".join(f"<{r.address}>" for r in rcpts))
+        self._remember(dsn)
         self._index_record(dsn, force=True)
 
 

@@ -58,6 +58,13 @@ class DomainRouter:
         courier = self.local if self.is_local(domain_of(recipients[0])) else self.remote
         return await courier.deliver(envelope, recipients)
 
+    async def aclose(self) -> None:
+        """Close what the couriers keep open (the remote courier's idle connections)."""
+        for courier in (self.local, self.remote):
+            aclose = getattr(courier, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
 
 def make_remote_courier(config: Config) -> Courier:
     """``RemoteCourier(config)`` from serpentmail.delivery.remote, or the placeholder."""

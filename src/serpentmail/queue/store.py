@@ -20,12 +20,14 @@ Invariants (see docs/queue-states.md for the full table):
   file was never acknowledged (the data is committed in the same batch) → discarded; a data
   file without an envelope was never acknowledged either → removed. Nothing half-written is
   ever resurrected.
-* Removal deletes the envelope first (the commit point of "gone"), then the data file.
+* Removal deletes the envelope first (the commit point of "gone", made durable by an fsync of
+  ``env/``, one for a whole batch of removals), then the data file.
 * Listing reads envelopes only (small JSON), never message bodies: :meth:`QueueStore.scan`
   yields one envelope at a time, so 100,000 queued messages are never all in memory.
 
-All methods except :meth:`QueueStore.enqueue` are blocking file operations: the scheduler
-calls them from a worker thread, never on the event loop.
+All methods except :meth:`QueueStore.enqueue` and :meth:`QueueStore.remove_batched` are
+blocking file operations: the scheduler calls them from a worker thread, never on the event
+loop.
 """
 
 from __future__ import annotations
@@ -143,6 +145,11 @@ class QueueStore:
         self.spool_tmp = data_dir / "tmp"
         self.committer = committer
         self.clock = clock
+        # remove_batched: requests waiting for the next batch, on one event loop.
+        self._rm_loop: asyncio.AbstractEventLoop | None = None
+        self._rm_pending: list[tuple[str, asyncio.Future[bool]]] = []
+        self._rm_running = False
+        self._rm_task: asyncio.Task[None] | None = None
         for d in (self.data, self.env, self.tmp, self.control, self.spool_tmp):
             d.mkdir(parents=True, exist_ok=True)
 
@@ -289,15 +296,62 @@ class QueueStore:
 
     def remove(self, qid: str) -> bool:
         """Remove an item: envelope first (the commit point), then data. True if it existed."""
-        existed = False
-        for path, parent in ((self.env_path(qid), self.env), (self.data_path(qid), self.data)):
+        return qid in self.remove_many([qid])
+
+    def remove_many(self, qids: list[str]) -> set[str]:
+        """Remove several items with ONE directory fsync: every envelope is unlinked, then
+        ``env/`` is fsync'd (the commit point of "gone" for all of them), then the data files
+        are unlinked. Their directory is not fsync'd: a data file that comes back after a
+        crash has no envelope and :meth:`recover` removes it. Returns the ids that existed."""
+        existed: set[str] = set()
+        for qid in qids:
             try:
-                os.unlink(path)
-                existed = True
+                os.unlink(self.env_path(qid))
+                existed.add(qid)
             except FileNotFoundError:
                 continue
-            fsync_dir(parent)
+        if existed:
+            fsync_dir(self.env)
+        for qid in qids:
+            try:
+                os.unlink(self.data_path(qid))
+                existed.add(qid)
+            except FileNotFoundError:
+                continue
         return existed
+
+    async def remove_batched(self, qid: str) -> bool:
+        """:meth:`remove` from the event loop, group-committed: removals requested while a
+        batch is being made durable share the next batch's single directory fsync (one
+        worker thread at a time). Returns once this item's removal is durable."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
+        if self._rm_loop is not loop:
+            self._rm_loop, self._rm_pending, self._rm_running = loop, [], False
+        self._rm_pending.append((qid, fut))
+        if not self._rm_running:
+            self._rm_running = True
+            task = loop.create_task(self._remove_batches())
+            self._rm_task = task  # keep a reference until it ends
+        return await fut
+
+    async def _remove_batches(self) -> None:
+        try:
+            while self._rm_pending:
+                batch, self._rm_pending = self._rm_pending, []
+                try:
+                    gone = await asyncio.to_thread(self.remove_many, [q for q, _ in batch])
+                except Exception as exc:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                for q, fut in batch:
+                    if not fut.done():
+                        fut.set_result(q in gone)
+        finally:
+            self._rm_running = False
+            self._rm_task = None
 
     # --- recovery ------------------------------------------------------------------------
 
