@@ -33,7 +33,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import TypeVar
@@ -51,14 +51,15 @@ class POP3Reply:
         return POP3Reply(self.ok, text, self.code)
 
     def to_bytes(self) -> bytes:
-        status = "+OK" if self.ok else "-ERR"
-        parts = [status]
+        head = "+OK" if self.ok else "-ERR"
         if self.code:
-            parts.append(f"[{self.code}]")
-        text = _clean(self.text)
+            head = f"{head} [{self.code}]"
+        text = self.text
+        if not (text.isascii() and text.isprintable()):  # the common case needs no cleaning
+            text = _clean(text)
         if text:
-            parts.append(text)
-        return (" ".join(parts) + "\r\n").encode("utf-8", "replace")
+            head = f"{head} {text}"
+        return (head + "\r\n").encode("utf-8", "replace")
 
     def __str__(self) -> str:
         return self.to_bytes().decode("utf-8", "replace").rstrip()
@@ -80,6 +81,7 @@ AUTH_MECHS = POP3Reply(True, "Supported SASL mechanisms follow")
 STLS_GO = POP3Reply(True, "Begin TLS negotiation")  # RFC 2595 §4
 NOOP_OK = POP3Reply(True, "")
 DELETED = POP3Reply(True, "message deleted")
+TOP_FOLLOWS = POP3Reply(True, "top of message follows")  # RFC 1939 §7 TOP
 LOGGED_IN = POP3Reply(True, "logged in")
 UPDATED = POP3Reply(True, "serpentmail POP3 server signing off")
 
@@ -114,6 +116,7 @@ ALREADY_DELETED = POP3Reply(False, "Message already deleted")
 NEED_USER = POP3Reply(False, "Send USER first")
 TLS_ACTIVE = POP3Reply(False, "TLS already active")
 TLS_UNAVAILABLE = POP3Reply(False, "STLS not available on this port")
+APOP_UNSUPPORTED = POP3Reply(False, "APOP is not supported")
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +218,9 @@ class _Transfer:
     carry: bytes = b"\n"  # last octets seen, to find the header/body blank line across pieces
     bol: bool = True  # the last octet sent ended a line
     done: bool = False
+
+
+_TOP_FOLLOWS = TOP_FOLLOWS.to_bytes()
 
 
 def valid_login_name(name: str, max_octets: int = 320) -> bool:
@@ -339,8 +345,8 @@ class POP3ServerConnection:
         ev = self._pending
         if not isinstance(ev, Retrieve) or self._xfer is not None:
             raise ProtocolError("begin_transfer() without a pending RETR/TOP")
-        text = f"{ev.size} octets" if ev.lines is None else "top of message follows"
-        self._send(POP3Reply(True, text))
+        # The same bytes as POP3Reply(True, ...).to_bytes(), formatted directly: once per RETR.
+        self._out.append(b"+OK %d octets\r\n" % ev.size if ev.lines is None else _TOP_FOLLOWS)
         self._xfer = _Transfer(ev.lines)
 
     def transfer_data(self, piece: bytes) -> bool:
@@ -487,43 +493,24 @@ class POP3ServerConnection:
     def _command(self, line: str) -> None:
         verb, _, arg = line.partition(" ")
         verb = verb.upper()
-        match (self.state, verb):
-            case (_, "CAPA"):  # RFC 2449 §5: valid in AUTHORIZATION and TRANSACTION
-                self._cmd_capa(arg)
-            case (_, "QUIT"):
-                self._cmd_quit(arg)
-            case (State.AUTHORIZATION, "USER"):
-                self._cmd_user(arg)
-            case (State.AUTHORIZATION, "PASS"):
-                self._cmd_pass(arg)
-            case (State.AUTHORIZATION, "AUTH"):
-                self._cmd_auth(arg)
-            case (State.AUTHORIZATION, "STLS"):
-                self._cmd_stls(arg)
-            case (State.AUTHORIZATION, "APOP"):
-                # APOP needs plaintext-equivalent passwords on the server; not offered.
-                self._reply(POP3Reply(False, "APOP is not supported"))
-            case (State.TRANSACTION, "STAT"):
-                self._cmd_stat(arg)
-            case (State.TRANSACTION, "LIST"):
-                self._cmd_list(arg)
-            case (State.TRANSACTION, "UIDL"):
-                self._cmd_uidl(arg)
-            case (State.TRANSACTION, "RETR"):
-                self._cmd_retr(arg)
-            case (State.TRANSACTION, "TOP"):
-                self._cmd_top(arg)
-            case (State.TRANSACTION, "DELE"):
-                self._cmd_dele(arg)
-            case (State.TRANSACTION, "NOOP"):
-                self._reply(SYNTAX if arg.strip() else NOOP_OK)
-            case (State.TRANSACTION, "RSET"):
-                self._cmd_rset(arg)
-            case (_, "USER" | "PASS" | "AUTH" | "STLS" | "APOP" | "STAT" | "LIST" | "UIDL" | "RETR"
-                  | "TOP" | "DELE" | "NOOP" | "RSET"):
-                self._reply(WRONG_STATE)
-            case _:
-                self._reply(UNKNOWN_COMMAND)
+        # Dispatch: CAPA and QUIT in any state, then the verbs of the current state (tables
+        # at the end of the module); a known verb in the wrong state is WRONG_STATE.
+        state = self.state  # identity tests: hashing an Enum member runs Python code
+        table = _TRANSACTION if state is State.TRANSACTION else _AUTHORIZATION if state is State.AUTHORIZATION else {}
+        handler = _ANY_STATE.get(verb) or table.get(verb)
+        if handler is not None:
+            handler(self, arg)
+        elif verb in _KNOWN:
+            self._reply(WRONG_STATE)
+        else:
+            self._reply(UNKNOWN_COMMAND)
+
+    def _cmd_apop(self, arg: str) -> None:
+        # APOP needs plaintext-equivalent passwords on the server; not offered.
+        self._reply(APOP_UNSUPPORTED)
+
+    def _cmd_noop(self, arg: str) -> None:
+        self._reply(SYNTAX if arg.strip() else NOOP_OK)
 
     # --- AUTHORIZATION (RFC 1939 §4, §7) ---------------------------------------------------
 
@@ -716,7 +703,7 @@ class POP3ServerConnection:
         # RFC 1939 §5 DELE: only marks; UPDATE removes it.
         self._deleted.add(i)
         self._total -= self._sizes[i]
-        self._send(DELETED.with_text(f"message {i + 1} deleted"))
+        self._out.append(b"+OK message %d deleted\r\n" % (i + 1))  # DELETED, formatted directly
 
     def _cmd_rset(self, arg: str) -> None:
         if arg.strip():
@@ -726,3 +713,15 @@ class POP3ServerConnection:
         self._total = sum(self._sizes)
         self._send(POP3Reply(True, f"maildrop has {len(self._sizes)} messages ({self._total} octets)"))
 
+
+
+_Handler = Callable[[POP3ServerConnection, str], None]
+_C = POP3ServerConnection
+# RFC 2449 §5: CAPA is valid in AUTHORIZATION and TRANSACTION; QUIT everywhere (RFC 1939 §6).
+_ANY_STATE: dict[str, _Handler] = {"CAPA": _C._cmd_capa, "QUIT": _C._cmd_quit}
+_AUTHORIZATION: dict[str, _Handler] = {"USER": _C._cmd_user, "PASS": _C._cmd_pass, "AUTH": _C._cmd_auth,
+                                       "STLS": _C._cmd_stls, "APOP": _C._cmd_apop}
+_TRANSACTION: dict[str, _Handler] = {"STAT": _C._cmd_stat, "LIST": _C._cmd_list, "UIDL": _C._cmd_uidl,
+                                     "RETR": _C._cmd_retr, "TOP": _C._cmd_top, "DELE": _C._cmd_dele,
+                                     "NOOP": _C._cmd_noop, "RSET": _C._cmd_rset}
+_KNOWN = frozenset(_AUTHORIZATION) | frozenset(_TRANSACTION)
