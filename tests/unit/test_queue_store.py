@@ -159,3 +159,40 @@ def test_remove_batched_groups_concurrent_removals(tmp_path: Path) -> None:
     # All twenty were asked before the first batch ran: one batch, one env/ fsync.
     assert store.batches == [ids, [ids[0]]]
     assert list(store.ids()) == []
+
+
+def test_new_envelopes_use_spare_files_made_off_the_event_loop(tmp_path: Path) -> None:
+    import threading
+
+    from serpentmail.queue.store import SPARE_ENVELOPE_FILES
+
+    class Watching(QueueStore):
+        made_in: set[str] = set()
+
+        def _make_spares(self, n: int) -> list[SpoolFile]:
+            self.made_in.add(threading.current_thread().name)
+            return super()._make_spares(n)
+
+    store = Watching(tmp_path, clock=lambda: 1000.0)
+
+    async def go() -> list[str]:
+        ids = []
+        for i in range(3):
+            rec = await store.enqueue(_spool(store, b"Subject: %d\r\n\r\nx\r\n" % i), "a@b.test", ["x@y.test"])
+            ids.append(rec.id)
+            await asyncio.sleep(0.05)  # let the refill run
+        return ids
+
+    ids = asyncio.run(go())
+    assert store.made_in and threading.main_thread().name not in store.made_in
+    assert 0 < len(store._spares) <= SPARE_ENVELOPE_FILES
+    for qid in ids:  # the envelopes are complete and durable as before
+        rec = store.load(qid)
+        assert rec is not None and rec.id == qid and store.exists(qid)
+    store.discard_spares()
+    assert list(store.tmp.iterdir()) == []
+    # Spares left by a crash are temp files like any other: recover() removes them.
+    asyncio.run(go())
+    assert list(store.tmp.iterdir())
+    store.recover()
+    assert list(store.tmp.iterdir()) == []

@@ -444,3 +444,37 @@ def test_stop_closes_the_couriers_idle_connections(tmp_path: Path) -> None:
 
     asyncio.run(go())
     assert Closable.closed
+
+
+def test_enqueue_waits_for_spool_recovery(tmp_path: Path) -> None:
+    # recover() removes data files that have no envelope: an item committed while it runs
+    # could lose its data after its 250. An enqueue during load() waits until it is over.
+    import threading
+
+    clock = Clock()
+    release = threading.Event()
+
+    class SlowRecovery(QueueStore):
+        def recover(self) -> tuple[int, int]:
+            release.wait(10)
+            return super().recover()
+
+    store = SlowRecovery(tmp_path, clock=clock)
+    courier = FakeCourier()
+    sched = Scheduler(store, courier, config(tmp_path), clock=clock, rng=random.Random(7))
+
+    async def go() -> str:
+        loading = asyncio.create_task(sched.load())
+        await asyncio.sleep(0.05)
+        queued = asyncio.create_task(_enqueue(sched, store, ["a@far.test"]))
+        await asyncio.sleep(0.1)
+        assert not queued.done() and list(store.data.iterdir()) == []  # nothing committed yet
+        release.set()
+        await loading
+        qid = await queued
+        assert store.exists(qid)
+        await sched.run_once()
+        return qid
+
+    qid = asyncio.run(go())
+    assert courier.attempts("a@far.test") == 1 and not store.exists(qid)

@@ -108,6 +108,8 @@ class Scheduler:
         # need not read back what is already in memory. Bounded; the file stays the truth.
         self._fresh: dict[str, EnvelopeRecord] = {}
         self.fresh_limit = 1024
+        # Set while load() runs: enqueues wait for it (see enqueue).
+        self._loading: asyncio.Event | None = None
 
     # --- index ---------------------------------------------------------------------------
 
@@ -136,6 +138,10 @@ class Scheduler:
     async def enqueue(self, spool: SpoolFile, sender: str, recipients: list[str], *,
                       smtputf8: bool = False, body_8bit: bool = False) -> str:
         """Commit the message (group commit; returns only once durable) and schedule it."""
+        if self._loading is not None:
+            # QueueStore.recover() removes data files that have no envelope: an item being
+            # committed while it runs could be one of them, after its 250. Wait for it.
+            await self._loading.wait()
         rec = await self.store.enqueue(spool, sender, recipients, smtputf8=smtputf8, body_8bit=body_8bit)
         log_event(log, "queued", id=rec.id, **{"from": f"<{sender}>"}, nrcpt=len(rec.recipients), size=rec.size)
         self._remember(rec)
@@ -146,7 +152,7 @@ class Scheduler:
         if len(self._fresh) < self.fresh_limit:
             self._fresh[rec.id] = rec
 
-    async def _load(self, qid: str) -> EnvelopeRecord | None:
+    async def _envelope(self, qid: str) -> EnvelopeRecord | None:
         rec = self._fresh.pop(qid, None)
         if rec is not None:
             return rec
@@ -160,8 +166,17 @@ class Scheduler:
             self._global_sem = asyncio.Semaphore(max(1, self.delivery.max_concurrency))
 
     async def load(self) -> int:
-        """Recover the spool and index every item (start-up; runs the file work in a thread)."""
+        """Recover the spool and index every item (start-up; runs the file work in a thread).
+        Enqueues issued meanwhile wait until it is over."""
         self._ensure_primitives()
+        loading = self._loading = asyncio.Event()
+        try:
+            return await self._recover_and_index()
+        finally:
+            self._loading = None
+            loading.set()
+
+    async def _recover_and_index(self) -> int:
         dropped_env, dropped_data = await asyncio.to_thread(self.store.recover)
         if dropped_env or dropped_data:
             log_event(log, "recovered", discarded_envelopes=dropped_env, removed_data=dropped_data)
@@ -203,6 +218,7 @@ class Scheduler:
                 t.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
+        self.store.discard_spares()
         aclose = getattr(self.courier, "aclose", None)
         if aclose is not None:
             # Idle connections kept for reuse get their QUIT now.
@@ -351,7 +367,7 @@ class Scheduler:
                 self._domain_sems.pop(domain, None)
 
     async def _process_inner(self, qid: str, reserved: frozenset[str], released: set[str]) -> None:
-        rec = await self._load(qid)
+        rec = await self._envelope(qid)
         if rec is None or not self.store.exists(qid):
             log_event(log, "gone", id=qid)  # deleted by the CLI, or already finished
             self._forced.discard(qid)

@@ -4,8 +4,9 @@ At start, after the listeners are bound: build the :class:`QueueStore` on the se
 committer, the :class:`LocalCourier`, the remote courier (``serpentmail.delivery.remote``,
 imported lazily; a placeholder that defers with "remote delivery not available" when that
 module is absent), a :class:`DomainRouter` between them, and the :class:`Scheduler`. Set it
-as ``ctx.outbound`` (so the SMTP side can queue) and start it. The returned stopper stops the
-scheduler: deliveries in flight finish or stay pending on disk.
+as ``ctx.outbound`` (so the SMTP side can queue; an enqueue waits until the spool has been
+recovered) and start it. The returned stopper stops the scheduler: deliveries in flight
+finish or stay pending on disk.
 
 Routing: a recipient whose domain is one of ours (accounts database) or our own hostname
 (``postmaster@<hostname>``, RFC 5321 §4.5.1) goes to the local courier; any other goes to the
@@ -124,7 +125,7 @@ async def _start_queue(server: Server) -> Callable[[], Awaitable[None]] | None:
             ctx.on_local_delivery(links)
 
     scheduler = build_scheduler(server.config, store, ctx.accounts, on_local_delivery=notify)
-    ctx.outbound = scheduler
+    ctx.outbound = scheduler  # enqueue() waits until start() has recovered the spool
     await scheduler.start()
 
     async def stop() -> None:
