@@ -494,3 +494,47 @@ def test_a_fifo_under_a_message_name_is_an_error_not_a_hang(tmp_path: Path) -> N
         finally:
             with contextlib.suppress(OSError):  # unblock a reader stuck in open() (old code)
                 os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_read_ahead_never_serves_the_wrong_message(tmp_path: Path) -> None:
+    """The message after each one sent is read ahead; out-of-order RETR/TOP, DELE of the
+    read-ahead message and the last message must all still get exactly the right bytes."""
+    cfg = _cfg(tmp_path, "127.0.3.21")
+    bodies = [b"Subject: m%d\r\n\r\n.dot line %d\r\nend\r\n" % (i, i) for i in range(1, 7)]
+    for b in bodies:
+        deliver_bytes(cfg.data_dir, [_maildir(cfg, BILL)], b)
+    with running_server(cfg) as srv:
+        p = _login(srv)
+        assert _retr_bytes(p, 1) == bodies[0]  # 2 is read ahead ...
+        assert _retr_bytes(p, 3) == bodies[2]  # ... and not served for 3
+        assert p.dele(4).startswith(b"+OK")  # 4 was read ahead, then deleted
+        with pytest.raises(poplib.error_proto, match="already deleted"):
+            p.retr(4)
+        assert _retr_bytes(p, 2) == bodies[1]
+        assert p.top(5, 0)[1] == [b"Subject: m5", b""]
+        assert _retr_bytes(p, 6) == bodies[5]  # 6 was read ahead by TOP 5; 6 is the last
+        assert _retr_bytes(p, 6) == bodies[5]
+        assert _retr_bytes(p, 1) == bodies[0]
+        p.quit()
+    assert len(maildir_files(cfg, BILL, "cur")) == 5
+
+
+def test_the_message_after_a_retr_is_read_ahead(tmp_path: Path) -> None:
+    """The observable trade of the read-ahead: once RETR 1 is answered, message 2 is already
+    in memory, so removing its file behind the server's back no longer makes RETR 2 fail
+    (it is served as a RETR a moment earlier would have served it: Maildir files never
+    change, and the session works on its login snapshot). Message 3 was not read ahead."""
+    cfg = _cfg(tmp_path, "127.0.3.22")
+    bodies = [b"Subject: m%d\r\n\r\nx\r\n" % i for i in range(1, 4)]
+    for b in bodies:
+        deliver_bytes(cfg.data_dir, [_maildir(cfg, BILL)], b)
+    with running_server(cfg) as srv:
+        p = _login(srv)
+        assert _retr_bytes(p, 1) == bodies[0]
+        for f in maildir_files(cfg, BILL, "new"):
+            if f.read_bytes() != bodies[0]:
+                f.unlink()
+        assert _retr_bytes(p, 2) == bodies[1]
+        with pytest.raises(poplib.error_proto, match="SYS/TEMP"):
+            p.retr(3)
+        p.quit()

@@ -90,6 +90,9 @@ class POP3Session(EngineSession):
         self._applying = False
         self._writable = asyncio.Event()
         self._writable.set()
+        # (index, whole file) of the message after the last one sent, read while the client
+        # was still reading that one (see _read_ahead). At most one, of <= SYNC_READ_MAX.
+        self._ahead: tuple[int, bytes] | None = None
 
     # --- the EngineSession hooks -----------------------------------------------------------
 
@@ -160,6 +163,7 @@ class POP3Session(EngineSession):
                 self.close()
 
     def _release_mailbox(self) -> None:
+        self._ahead = None
         if self.mailbox is not None and not self._applying:
             self.mailbox.close()
             self.mailbox = None
@@ -227,9 +231,13 @@ class POP3Session(EngineSession):
         engine = self.engine
         mailbox = self.mailbox
         assert engine is not None and mailbox is not None
+        ahead, self._ahead = self._ahead, None
         if not self._writable.is_set():
             # The client has not read what we sent: do not queue another message behind it.
             self.start_task(self._stream(ev, None, None))
+            return
+        if ahead is not None and ahead[0] == ev.index:
+            self._send_whole(ev, ahead[1])
             return
         try:
             fd = mailbox.open_message_fd(ev.index)
@@ -248,13 +256,47 @@ class POP3Session(EngineSession):
         if piece is not None and st.st_size <= len(piece) < SYNC_READ_MAX:
             # A short read of a regular file that returned at least its size: end of file.
             os.close(fd)
-            engine.begin_transfer()
-            engine.transfer_data(piece)
-            engine.end_transfer()
-            self.flush()  # so a full write buffer pauses us before the next pipelined RETR
+            self._send_whole(ev, piece)
             return
         f = open(fd, "rb", closefd=True)  # large, or changed since fstat: stream the rest
         self.start_task(self._stream(ev, f, piece))
+
+    def _send_whole(self, ev: Retrieve, data: bytes) -> None:
+        """Answer a RETR/TOP with a message read whole, then read the next one ahead."""
+        engine = self.engine
+        assert engine is not None
+        engine.begin_transfer()
+        engine.transfer_data(data)
+        engine.end_transfer()
+        self.flush()  # so a full write buffer pauses us before the next pipelined RETR
+        if not engine.buffered and self._writable.is_set():
+            self._read_ahead(ev.index + 1)
+
+    def _read_ahead(self, index: int) -> None:
+        """Read message ``index`` (if small) now, while the client is busy reading the reply
+        just sent and no command of its is waiting: clients fetch messages in order, and the
+        next RETR is then answered without file work on its critical path. A wasted read
+        costs what the RETR would have; nothing is held beyond one message. The snapshot
+        semantics are unchanged: Maildir files never change once delivered, and a message
+        removed behind our back in between is served as the RETR a moment earlier would
+        have served it. Any error is left for the RETR itself to meet and report."""
+        mailbox = self.mailbox
+        if mailbox is None or index >= len(mailbox.entries) or mailbox.entries[index].size > SYNC_READ_MAX:
+            return
+        try:
+            fd = mailbox.open_message_fd(index)
+        except OSError:
+            return
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_size <= SYNC_READ_MAX:
+                data = os.read(fd, SYNC_READ_MAX)
+                if st.st_size <= len(data) < SYNC_READ_MAX:
+                    self._ahead = (index, data)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def _unreadable(self, ev: Retrieve, exc: OSError) -> None:
         assert self.engine is not None
