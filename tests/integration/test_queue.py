@@ -373,3 +373,18 @@ def test_cli_flush_reaches_a_running_server(tmp_path: Path) -> None:
             assert main(["-c", str(conf), "queue", "flush"]) == 0
             _wait_idle_queue(cfg)
         assert sink.accepted[("later@far.test", "<f1@b.test>")] == 1
+
+
+def test_router_reuses_local_domain_answers_for_a_short_time(tmp_path: Path) -> None:
+    from serpentmail.queue.service import local_domain_check
+
+    cfg = make_config(tmp_path / "data", "127.0.4.91", hostname="mx.home.test")
+    db = AccountDB(cfg.db_path)
+    now = [100.0]
+    is_local = local_domain_check(cfg, db, ttl=2.0, clock=lambda: now[0])
+    assert is_local("MX.home.test.") and not is_local("new.test")
+    db.ensure_domain("new.test")
+    assert not is_local("new.test")  # the answer of a moment ago, no query
+    now[0] += 2.5
+    assert is_local("new.test")  # seen once the answer is older than the ttl
+    db.close()

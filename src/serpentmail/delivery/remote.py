@@ -75,6 +75,7 @@ from .dns import DNSResolver, MXResult, Resolver
 log = logging.getLogger("serpentmail.delivery.remote")
 
 CHUNK = 1024 * 1024  # octets read from the message file (and sent per BDAT chunk) at a time
+INLINE_READ = 128 * 1024  # messages up to this size are read on the event loop (see _read_chunks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,11 +151,14 @@ class _Session:
         """Send what is queued; read every outstanding reply, each within ``timeout``."""
         replies: list[ServerReply] = []
         self.flush()
-        await asyncio.wait_for(self.writer.drain(), timeout)
+        # asyncio.timeout, not wait_for: no extra task per wait (several per message).
+        async with asyncio.timeout(timeout):
+            await self.writer.drain()
         while self.engine.expecting:
             ev = self.engine.next_event()
             if ev is NEED_DATA:
-                data = await asyncio.wait_for(self.reader.read(65536), timeout)
+                async with asyncio.timeout(timeout):
+                    data = await self.reader.read(65536)
                 if not data:
                     raise _HostFailure(f"451 4.4.2 lost connection with {self._where()}")
                 self.engine.receive_data(data)
@@ -203,9 +207,15 @@ def _open_and_read(path: Path) -> tuple[Any, bytes]:
     return f, chunk
 
 
-async def _read_chunks(path: Path) -> AsyncGenerator[bytes, None]:
-    """Async generator of the file's chunks (reads run in a thread, off the event loop)."""
-    f, chunk = await asyncio.to_thread(_open_and_read, path)
+async def _read_chunks(path: Path, size_hint: int = CHUNK) -> AsyncGenerator[bytes, None]:
+    """Async generator of the file's chunks. Reads run in a thread, off the event loop, except
+    for a message of at most ``INLINE_READ`` octets (``size_hint``, the queued size): that is
+    one open/read/close of a file just written, so in the page cache; a thread hop would cost
+    the event loop more than the read itself (the same rule as POP3's RETR)."""
+    if size_hint <= INLINE_READ:
+        f, chunk = _open_and_read(path)
+    else:
+        f, chunk = await asyncio.to_thread(_open_and_read, path)
     if f is None:
         if chunk:
             yield chunk
@@ -675,7 +685,7 @@ class RemoteCourier:
                 results[rcpt] = RecipientResult(rcpt, status, str(reply), s.route.name)
 
         if chunking:
-            final = await self._send_bdat(s, envelope.data_path)
+            final = await self._send_bdat(s, envelope.data_path, envelope.size)
         else:
             if data_reply is None:
                 eng.data()
@@ -683,7 +693,7 @@ class RemoteCourier:
             if data_reply.code != 354:
                 settle(data_reply)
                 return await self._reset(s)
-            final = await self._send_data(s, envelope.data_path)
+            final = await self._send_data(s, envelope.data_path, envelope.size)
         if final is None:
             # The end of data went out but its reply never came: RFC 5321 §6.1 window.
             for rcpt in accepted:
@@ -703,10 +713,10 @@ class RemoteCourier:
         await self._final(s, self.timeouts.data_end)
         return False
 
-    async def _send_data(self, s: _Session, path: Path) -> ServerReply | None:
+    async def _send_data(self, s: _Session, path: Path, size_hint: int = CHUNK) -> ServerReply | None:
         t = self.timeouts
         stuffer = DotStuffer()
-        async for chunk in _read_chunks(path):
+        async for chunk in _read_chunks(path, size_hint):
             s.engine.send_content(stuffer.feed(chunk))
             if len(chunk) >= CHUNK:  # more may follow: bound what is buffered
                 s.flush()
@@ -715,9 +725,9 @@ class RemoteCourier:
         s.engine.end_data(stuffer.end())
         return await self._final(s, t.data_end)
 
-    async def _send_bdat(self, s: _Session, path: Path) -> ServerReply | None:
+    async def _send_bdat(self, s: _Session, path: Path, size_hint: int = CHUNK) -> ServerReply | None:
         t = self.timeouts
-        chunks = _read_chunks(path)
+        chunks = _read_chunks(path, size_hint)
         current: bytes | None = await anext(chunks, None)
         if current is None:
             s.engine.bdat(b"", last=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -80,12 +81,30 @@ def make_remote_courier(config: Config) -> Courier:
     return courier
 
 
-def local_domain_check(config: Config, accounts: AccountDB) -> Callable[[str], bool]:
+LOCAL_DOMAIN_TTL = 2.0  # seconds an answer of the accounts database is reused by the router
+
+
+def local_domain_check(config: Config, accounts: AccountDB, *, ttl: float = LOCAL_DOMAIN_TTL,
+                       clock: Callable[[], float] = time.monotonic) -> Callable[[str], bool]:
+    """Is ``domain`` ours? Answers are kept ``ttl`` seconds (a domain added or removed with
+    the CLI is seen that much later), so a busy queue does not run one SQL query per message
+    for the same few destinations."""
     hostname = config.hostname.lower().rstrip(".")
+    cache: dict[str, tuple[float, bool]] = {}
 
     def is_local(domain: str) -> bool:
         d = domain.lower().rstrip(".")
-        return d == hostname or accounts.is_local_domain(d)
+        if d == hostname:
+            return True
+        now = clock()
+        hit = cache.get(d)
+        if hit is not None and now - hit[0] < ttl:
+            return hit[1]
+        answer = accounts.is_local_domain(d)
+        if len(cache) >= 1024:
+            cache.clear()
+        cache[d] = (now, answer)
+        return answer
 
     return is_local
 
