@@ -248,8 +248,10 @@ class Scheduler:
                 if until_due > 0:
                     timeout = min(timeout, until_due)
             self._wake.clear()
+            # asyncio.timeout, not wait_for: no task per wake-up (one or two per message).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.01))
+                async with asyncio.timeout(max(timeout, 0.01)):
+                    await self._wake.wait()
 
     async def run_once(self) -> int:
         """Run every item due now to completion (dispatching more as slots free up).
@@ -393,7 +395,11 @@ class Scheduler:
                     released.add(domain)
                     self._release(domain)
 
-        outcomes = await asyncio.gather(*(call(d, rs) for d, rs in groups.items()))
+        if len(groups) == 1:  # the common case: no task for a gather of one
+            (only,) = groups.items()
+            outcomes = [await call(*only)]
+        else:
+            outcomes = list(await asyncio.gather(*(call(d, rs) for d, rs in groups.items())))
         for d in reserved - set(groups):
             if d not in released:
                 released.add(d)
