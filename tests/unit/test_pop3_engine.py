@@ -263,6 +263,43 @@ def test_retr_of_message_starting_with_dot() -> None:
     assert stuff(b".x", bol=False) == b".x"
 
 
+def _reference_stuff(piece: bytes, bol: bool) -> bytes:
+    """RFC 1939 §3 by the letter: a line that starts with "." gets one more."""
+    lines = piece.split(b"\n")
+    return b"\n".join(b"." + line if line[:1] == b"." and (i > 0 or bol) else line
+                      for i, line in enumerate(lines))
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from([b".", b"\n", b"\r\n", b"x", b"..", b"\n.", b"a.b"]), max_size=80).map(b"".join),
+       st.booleans())
+def test_stuff_matches_the_rfc_definition(piece: bytes, bol: bool) -> None:
+    """Whether the dot walk proves "nothing to stuff", finds a line to stuff, or runs out of
+    budget on dotty text, the result is RFC 1939 §3 byte-stuffing."""
+    assert stuff(piece, bol) == _reference_stuff(piece, bol)
+
+
+@pytest.mark.parametrize("shift", range(-3, 4))
+@pytest.mark.parametrize("window", [1, 3])  # the line-start dot in the first or a later window
+def test_stuff_finds_a_line_start_dot_at_and_past_the_dense_window_edges(shift: int, window: int) -> None:
+    from serpentmail.proto.pop3 import _DENSE_WINDOW, _DOT_SLACK
+
+    dense = b"a.b" * 40  # dotty enough to switch to window searches at once
+    trigger = 1 + 3 * _DOT_SLACK  # the dot that starts the first window (32 KiB, then 64 KiB)
+    edge = trigger + _DENSE_WINDOW * window + shift  # where "\n." goes: around a window's end
+    filler = bytearray(dense + b"x" * (edge + 10))
+    filler[edge:edge + 2] = b"\n."
+    piece = bytes(filler)
+    assert stuff(piece, False) == _reference_stuff(piece, False)
+    assert stuff(piece, False) != piece
+
+
+def test_stuff_with_many_dots_before_the_first_line_start_dot() -> None:
+    piece = b"a.b." * 100 + b"\r\n.x\r\n"  # more dots than the walk's budget, then one to stuff
+    assert stuff(piece, True) == b"a.b." * 100 + b"\r\n..x\r\n"
+    assert stuff(b"x.y" * 100, False) == b"x.y" * 100
+
+
 @pytest.mark.parametrize("chunk", [1, 2, 3, 5, 1 << 20])
 @pytest.mark.parametrize(("cmd", "expected"), [
     ("TOP 2 0", b"+OK top of message follows\r\nSubject: two\r\nX-A: b\r\n\r\n.\r\n"),

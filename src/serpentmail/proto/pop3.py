@@ -232,9 +232,54 @@ def valid_login_name(name: str, max_octets: int = 320) -> bool:
     return all(ch >= " " and ch != "\x7f" for ch in name)
 
 
+# stuff(): dots walked one by one (plus one per _DOT_SPACING octets walked) before a region
+# counts as dotty and the next _DENSE_WINDOW octets (doubling each time) are searched for
+# "\n." in one call.
+_DOT_SLACK = 4
+_DOT_SPACING = 512
+_DENSE_WINDOW = 32 * 1024
+
+
 def stuff(piece: bytes, bol: bool) -> bytes:
     """RFC 1939 §3 byte-stuffing of one piece of a message: a line starting with "." gets
-    another "." in front. ``bol`` says whether the piece starts at the beginning of a line."""
+    another "." in front. ``bol`` says whether the piece starts at the beginning of a line.
+
+    Most pieces need no stuffing, and proving it is the cost: CPython searches for the two
+    octets "\\n." at about 1 ns per octet (a quarter of the server's CPU for 100 KiB
+    messages in bench scenario 3), while a single "." is found by memchr, vectorised, in a
+    fraction of that. So we walk from dot to dot while dots are sparse (base64 attachments
+    have none; a header section a few dozen), and where they are dense (prose, HTML) search
+    the next 32 KiB (then 64, 128, ...) for "\\n." in one call. Measured (plain search vs
+    this): 100 KiB bench body 100 -> 2 us; 12 Received headers + 75 KiB base64 107 -> 38 us;
+    100 KiB of prose with a dot every 30 octets 112 -> 121 us; 4 KiB of prose or of headers
+    4.4 -> 6.5 us. The first line that does start with "." hands the whole piece to
+    ``bytes.replace``."""
+    find = piece.find
+    size = len(piece)
+    pos = 0
+    mark = 0  # where the current sparse stretch began
+    walked = 0  # dots looked at since ``mark``
+    window = _DENSE_WINDOW
+    while True:
+        at = find(b".", pos)
+        if at < 0:
+            return piece  # no line starts with "."
+        if (piece[at - 1] == 0x0A) if at else bol:
+            return _stuff_all(piece, bol)
+        walked += 1
+        if walked > _DOT_SLACK + (at - mark) // _DOT_SPACING:
+            end = min(size, at + window)
+            window *= 2
+            if find(b"\n.", at, end) >= 0:
+                return _stuff_all(piece, bol)
+            # A "\n" at end-1 with "." at end is caught by the walk from ``end``.
+            pos = mark = end
+            walked = 0
+        else:
+            pos = at + 1
+
+
+def _stuff_all(piece: bytes, bol: bool) -> bytes:
     out = piece.replace(b"\n.", b"\n..")
     if bol and out[:1] == b".":
         out = b"." + out
