@@ -58,11 +58,14 @@ log = logging.getLogger("serpentmail.pop3")
 
 CHUNK = 256 * 1024
 # Messages up to this size are read on the event loop in one read(2) instead of in a worker
-# thread: measured (bench scenario 3, 5,000 x 4 KiB) the thread hop and task cost more than
-# the read itself, which from the page cache takes ~3 us for 4 KiB and ~25 us for 128 KiB on
-# the bench machine. The bound is the kernel's default readahead window (128 KiB), so even a
-# cold read is a single disk request; the file's size comes from fstat, not from trusting the
-# ``,S=`` name, and anything larger streams from worker threads as before.
+# thread: in bench scenario 3 (5,000 x 4 KiB) the executor submit and worker wake-ups were
+# ~40% of the server's py-spy samples, more than the read itself. Measured on the bench
+# machine, open+fstat+read+close of 200 files: 4 KiB 9 us median from the page cache, 45 us
+# cold (evicted with POSIX_FADV_DONTNEED); 128 KiB 23 us warm, 140 us cold median, 0.46 ms
+# worst. That is how long one such RETR can hold up the other sessions of this loop. The bound
+# is the kernel's default readahead window (128 KiB), so a cold read is one disk request; the
+# size comes from fstat, not from trusting the ``,S=`` name, and larger messages stream from
+# worker threads as before.
 SYNC_READ_MAX = 128 * 1024
 
 
