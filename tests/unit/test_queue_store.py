@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from serpentmail.queue.store import EnvelopeRecord, QueueError, QueueStore, valid_id
-from serpentmail.storage.maildir import Committer, SpoolFile
+from serpentmail.storage.maildir import Committer, SpoolFile, SpoolPool
 
 
 def _spool(store: QueueStore, content: bytes) -> SpoolFile:
@@ -166,14 +166,15 @@ def test_new_envelopes_use_spare_files_made_off_the_event_loop(tmp_path: Path) -
 
     from serpentmail.queue.store import SPARE_ENVELOPE_FILES
 
-    class Watching(QueueStore):
-        made_in: set[str] = set()
+    made_in: set[str] = set()
 
-        def _make_spares(self, n: int) -> list[SpoolFile]:
-            self.made_in.add(threading.current_thread().name)
-            return super()._make_spares(n)
+    class Watching(SpoolPool):
+        def make(self, n: int) -> list[SpoolFile]:
+            made_in.add(threading.current_thread().name)
+            return super().make(n)
 
-    store = Watching(tmp_path, clock=lambda: 1000.0)
+    store = QueueStore(tmp_path, clock=lambda: 1000.0)
+    store.spares = Watching(store.tmp, SPARE_ENVELOPE_FILES)
 
     async def go() -> list[str]:
         ids = []
@@ -184,8 +185,8 @@ def test_new_envelopes_use_spare_files_made_off_the_event_loop(tmp_path: Path) -
         return ids
 
     ids = asyncio.run(go())
-    assert store.made_in and threading.main_thread().name not in store.made_in
-    assert 0 < len(store._spares) <= SPARE_ENVELOPE_FILES
+    assert made_in and threading.main_thread().name not in made_in
+    assert 0 < len(store.spares) <= SPARE_ENVELOPE_FILES
     for qid in ids:  # the envelopes are complete and durable as before
         rec = store.load(qid)
         assert rec is not None and rec.id == qid and store.exists(qid)

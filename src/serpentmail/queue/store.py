@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..storage.maildir import Committer, SpoolFile, commit_async, fsync_dir
+from ..storage.maildir import Committer, SpoolFile, SpoolPool, commit_async, fsync_dir
 
 RecipientState = Literal["pending", "delivered", "failed"]
 ENVELOPE_VERSION = 1
@@ -154,8 +154,7 @@ class QueueStore:
         self._rm_running = False
         self._rm_task: asyncio.Task[None] | None = None
         # Empty envelope temp files made in a worker thread (tmp/, cleaned by recover()).
-        self._spares: list[SpoolFile] = []
-        self._refill_task: asyncio.Task[None] | None = None
+        self.spares = SpoolPool(self.tmp, SPARE_ENVELOPE_FILES)
         for d in (self.data, self.env, self.tmp, self.control, self.spool_tmp):
             d.mkdir(parents=True, exist_ok=True)
 
@@ -212,42 +211,12 @@ class QueueStore:
         return record
 
     def _env_spool(self) -> SpoolFile:
-        """An empty temp file for a new envelope, taken from spares made in a worker thread.
-
-        Creating a file is a blocking metadata operation that costs about half a millisecond on
-        the project's reference disk (ext4 without a journal), on the event loop that is
-        answering every session; made in bulk in a thread it costs neither. When the spares
-        run out the file is made here, as before. Spares live in ``tmp/``, which
-        :meth:`recover` empties at start, and :meth:`discard_spares` at stop."""
-        spool = self._spares.pop() if self._spares else None
-        if len(self._spares) < SPARE_ENVELOPE_FILES // 2 and self._refill_task is None:
-            self._refill_task = asyncio.get_running_loop().create_task(self._refill_spares())
-        return spool if spool is not None else SpoolFile(self.tmp)
-
-    async def _refill_spares(self) -> None:
-        try:
-            want = SPARE_ENVELOPE_FILES - len(self._spares)
-            self._spares.extend(await asyncio.to_thread(self._make_spares, want))
-        except OSError:
-            pass  # the next enqueue makes its own file and tries again
-        finally:
-            self._refill_task = None
-
-    def _make_spares(self, n: int) -> list[SpoolFile]:
-        out: list[SpoolFile] = []
-        try:
-            for _ in range(n):
-                out.append(SpoolFile(self.tmp))
-        except OSError:
-            if not out:
-                raise
-        return out
+        """An empty temp file for a new envelope, made ahead in a worker thread (SpoolPool)."""
+        return self.spares.take()
 
     def discard_spares(self) -> None:
         """Close and unlink the spare envelope files (server stop)."""
-        spares, self._spares = self._spares, []
-        for sp in spares:
-            sp.discard()
+        self.spares.close()
 
     def enqueue_bytes(self, content: bytes, sender: str, recipients: list[str], *,
                       qid: str | None = None, smtputf8: bool = False) -> EnvelopeRecord | None:

@@ -333,3 +333,63 @@ async def commit_async(committer: Committer, spool: SpoolFile, links: list[Path]
 
     committer.submit(CommitJob(spool, links, done, keep_spool=keep_spool))
     await fut
+
+
+class SpoolPool:
+    """Empty temp files made ahead of need in a worker thread.
+
+    Creating a file is a blocking metadata operation (about half a millisecond on the
+    reference disk) that would otherwise run on the event loop for every message. ``take()``
+    hands out a ready file (oldest first) and tops the pool up in a thread when it runs low;
+    when it is empty the file is made inline, as before. Spares are ordinary temp files: the
+    start-up cleaning of their directory removes any a crash left behind, and :meth:`close`
+    removes them at stop.
+    """
+
+    def __init__(self, tmp_dir: Path, size: int = 32) -> None:
+        import collections
+
+        self.tmp_dir = tmp_dir
+        self.size = size
+        self._spares: collections.deque[SpoolFile] = collections.deque()
+        self._refilling = False
+
+    def __len__(self) -> int:
+        return len(self._spares)
+
+    def take(self) -> SpoolFile:
+        """A fresh, empty spool file (call on the event loop)."""
+        spool = self._spares.popleft() if self._spares else None
+        if len(self._spares) < self.size // 2 and not self._refilling and self.size > 0:
+            import asyncio
+
+            self._refilling = True
+            asyncio.get_running_loop().create_task(self._refill())
+        return spool if spool is not None else SpoolFile(self.tmp_dir)
+
+    async def _refill(self) -> None:
+        import asyncio
+
+        try:
+            self._spares.extend(await asyncio.to_thread(self.make, self.size - len(self._spares)))
+        except OSError:
+            pass  # the next take() makes its own file and tries again
+        finally:
+            self._refilling = False
+
+    def make(self, n: int) -> list[SpoolFile]:
+        """Create ``n`` empty spool files (runs in a worker thread)."""
+        out: list[SpoolFile] = []
+        try:
+            for _ in range(n):
+                out.append(SpoolFile(self.tmp_dir))
+        except OSError:
+            if not out:
+                raise
+        return out
+
+    def close(self) -> None:
+        """Remove the unused spares (server stop)."""
+        spares, self._spares = self._spares, type(self._spares)()
+        for sp in spares:
+            sp.discard()
