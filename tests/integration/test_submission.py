@@ -229,3 +229,32 @@ def test_remote_recipient_is_queued_durably_with_its_body_type(tmp_path: Path) -
     data = QueueStore(cfg.data_dir).data_path(qid).read_bytes()
     assert not data.startswith(b"Return-Path:")  # added only at final delivery (RFC 5321 §4.4)
     assert data.endswith("naïve\r\n".encode())
+
+
+def test_missing_fields_added_in_front_of_the_header_section_also_when_it_is_huge(server: tuple[Config, ServerThread]) -> None:
+    """RFC 6409 §8: Message-ID/Date are added whether the header section is small (held while it
+    streams) or too big to hold (the slow copy), and the client's bytes are kept exactly."""
+    cfg, srv = server
+    small = b"Subject: small\r\n\r\nbody\r\n"
+    huge = b"Subject: huge\r\n" + b"X-Filler: " + b"y" * 300_000 + b"\r\n\r\nbody\r\n"
+    with_both = b"Date: Mon, 1 Jan 2024 00:00:00 +0000\r\nMessage-ID: <keep@yahoo.test>\r\n\r\nbody\r\n"
+    with _login(srv) as c:
+        for msg in (small, huge, with_both):
+            assert c.sendmail("bill@yahoo.test", ["ann@yahoo.test"], msg) == {}
+        # BDAT: the header section ends inside the second chunk
+        assert c.docmd("MAIL", "FROM:<bill@yahoo.test>")[0] == 250
+        assert c.docmd("RCPT", "TO:<ann@yahoo.test>")[0] == 250
+        c.send(b"BDAT 10\r\nSubject: c")
+        assert c.getreply()[0] == 250
+        rest = b"hunked\r\n\r\nbody\r\n"
+        c.send(b"BDAT %d LAST\r\n" % len(rest) + rest)
+        assert c.getreply()[0] == 250
+    files = maildir_files(cfg, "ann@yahoo.test")
+    assert len(files) == 4
+    stored = [f.read_bytes() for f in files]
+    for original in (small, huge, b"Subject: chunked\r\n\r\nbody\r\n"):
+        data = next(d for d in stored if d.endswith(original))
+        head = data[: len(data) - len(original)]
+        assert b"\r\nMessage-ID: <" in head and b"\r\nDate: " in head, head[-200:]
+    kept = next(d for d in stored if d.endswith(with_both))
+    assert kept.count(b"Message-ID:") == 1 and kept.count(b"\r\nDate:") == 1

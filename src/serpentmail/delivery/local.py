@@ -122,7 +122,7 @@ class LocalCourier:
             os.fsync(spool.fd)
             os.close(spool.fd)
             spool.closed = True
-            name = final_name(spool.path.name, spool.size)
+            name = final_name(spool.name, spool.size)
             for md in maildirs:
                 ensure_maildir(md)
                 target = md / "new" / name

@@ -237,6 +237,12 @@ class SMTPServerConnection:
         return len(self._buf)
 
     @property
+    def header_names(self) -> frozenset[str] | None:
+        """Lower-cased field names of the message being received, once its header section is
+        complete (None before): lets the I/O layer add missing fields as the message streams."""
+        return None if self._hdr is not None else self._header_names
+
+    @property
     def in_transaction(self) -> bool:
         return self.sender is not None or self._phase in (_Phase.DATA, _Phase.BDAT)
 

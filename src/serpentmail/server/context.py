@@ -20,7 +20,14 @@ from ..accounts.db import AccountDB, User, verify_password
 from ..config import Config
 from ..log import log_event
 from ..proto.address import Address
-from ..storage.maildir import Committer, SpoolFile, commit_async, ensure_maildir, maildir_for
+from ..storage.maildir import (
+    Committer,
+    SpoolFile,
+    SpoolPool,
+    commit_async,
+    ensure_maildir,
+    maildir_for,
+)
 
 log = logging.getLogger("serpentmail.server")
 
@@ -101,6 +108,10 @@ class ServerContext:
             self.throttle = AuthThrottle(lim.auth_max_failures, lim.auth_failure_window, lim.auth_cooldown)
         self._tmp_dir = self.config.data_dir / "tmp"  # built once: path joins showed in the profile
         self._tmp_dir.mkdir(parents=True, exist_ok=True)
+        # Spool files made ahead, off the event loop, in tmp/spare/; renamed into tmp/ when a
+        # message starts, so tmp/ holds only messages being received. Both are emptied at start.
+        (self._tmp_dir / "spare").mkdir(exist_ok=True)
+        self.spools = SpoolPool(self._tmp_dir / "spare", hand_out_in=self._tmp_dir)
 
     @property
     def tmp_dir(self) -> Path:

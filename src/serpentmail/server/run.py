@@ -54,6 +54,7 @@ class Server:
         for sub in ("tmp", "mail", "queue"):
             (cfg.data_dir / sub).mkdir(parents=True, exist_ok=True)
         clean_tmp(cfg.data_dir / "tmp")
+        clean_tmp(cfg.data_dir / "tmp" / "spare")
         accounts = AccountDB(cfg.db_path)
         for domain in cfg.default_domains:
             accounts.ensure_domain(domain)
@@ -115,6 +116,7 @@ class Server:
                 except (TimeoutError, Exception):
                     pass
         if ctx is not None:
+            ctx.spools.close()
             await asyncio.get_running_loop().run_in_executor(None, ctx.committer.close)
         log_event(log, "stopped")
 

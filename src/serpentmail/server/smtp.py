@@ -42,6 +42,7 @@ from .context import ServerContext
 from .session import EngineSession
 
 log = logging.getLogger("serpentmail.smtp")
+_MAX_HELD_HEADER = 256 * 1024  # a submitted header section longer than this is copied instead
 
 Kind = Literal["smtp", "submission", "submissions"]
 
@@ -57,6 +58,10 @@ class _Transaction:
     trace_len: int = 0
     queued: bool = False
     write_error: OSError | None = None
+    # Submission: the client's first octets are held until its header section is complete,
+    # so missing Message-ID/Date can be written in front of it (RFC 6409 §8).
+    hold: bytearray | None = None
+    headers_added: bool = False
 
 
 class SMTPSession(EngineSession):
@@ -245,7 +250,7 @@ class SMTPSession(EngineSession):
             proto += "A"
         if proto == "SMTPS":
             proto = "ESMTPS"
-        qid = txn.spool.path.name if txn.spool else "?"
+        qid = txn.spool.name if txn.spool else "?"
         helo = (engine.helo or "unknown").replace("\r", "").replace("\n", "")[:255]
         ip_literal = f"IPv6:{self.ip}" if ":" in self.ip else self.ip
         for_clause = f"\r\n\tfor <{txn.rcpts[0]}>" if len(txn.rcpts) == 1 else ""
@@ -262,19 +267,44 @@ class SMTPSession(EngineSession):
         txn = self.txn
         txn.queued = bool(txn.remote)
         try:
-            txn.spool = SpoolFile(self.ctx.tmp_dir)
+            txn.spool = self.ctx.spools.take()
             trace = self._trace_headers(txn.queued)
             txn.trace_len = len(trace)
             txn.spool.write(trace)
         except OSError as exc:
             txn.write_error = exc
+        if self.kind != "smtp":
+            txn.hold = bytearray()
 
     def _on_chunk(self, data: bytes) -> None:
         txn = self.txn
         if txn.spool is None or txn.write_error is not None:
             return
+        if txn.hold is not None:
+            txn.hold += data
+            assert self.engine is not None
+            names = self.engine.header_names
+            if names is None and len(txn.hold) < _MAX_HELD_HEADER:
+                return
+            self._release_hold(names)
+            return
         try:
             txn.spool.write(data)
+        except OSError as exc:
+            txn.write_error = exc
+
+    def _release_hold(self, names: frozenset[str] | None) -> None:
+        """Write the held start of a submitted message, with missing fields added in front."""
+        txn = self.txn
+        held, txn.hold = txn.hold, None
+        if txn.spool is None or txn.write_error is not None or held is None:
+            return
+        extra = b""
+        if names is not None:
+            extra = _missing_submission_headers(names, self.ctx.config.hostname)
+            txn.headers_added = True
+        try:
+            txn.spool.write(extra + held)
         except OSError as exc:
             txn.write_error = exc
 
@@ -288,13 +318,15 @@ class SMTPSession(EngineSession):
         engine = self.engine
         assert engine is not None
         txn = self.txn
+        if txn.hold is not None:
+            self._release_hold(ev.header_names)
         spool = txn.spool
         if spool is None or txn.write_error is not None:
             log.error("spool write failed client=%s: %s", self.ip, txn.write_error)
             self._discard()
             engine.respond(R.INSUFFICIENT_STORAGE if txn.write_error and txn.write_error.errno == 28 else R.LOCAL_ERROR)
             return
-        if self.kind != "smtp":
+        if self.kind != "smtp" and not txn.headers_added:  # a header section too big to hold
             await self._add_submission_headers(ev)
             spool = txn.spool
             assert spool is not None
@@ -311,14 +343,14 @@ class SMTPSession(EngineSession):
                 txn.spool = None
                 status = "queued"
             else:
-                name = final_name(spool.path.name, spool.size)
+                name = final_name(spool.name, spool.size)
                 dirs = [self.ctx.maildir(uid) for uid in txn.users]
                 if txn.postmaster_fallback:
                     dirs.append(self.ctx.postmaster_maildir())
                 links = [d.joinpath("new", name) for d in dirs]
                 await self.ctx.commit(spool, links)
                 txn.spool = None
-                qid = spool.path.name
+                qid = spool.name
                 status = "delivered"
                 if self.ctx.on_local_delivery is not None:
                     self.ctx.on_local_delivery(links)
@@ -337,20 +369,16 @@ class SMTPSession(EngineSession):
         engine.respond(R.QUEUED.with_text(f"OK: queued as {qid}"))
 
     async def _add_submission_headers(self, ev: MessageComplete) -> None:
-        """RFC 6409 §8.2, §8.3: add Message-ID and Date when the client did not."""
-        missing = []
-        cfg = self.ctx.config
-        if "message-id" not in ev.header_names:
-            missing.append(f"Message-ID: {email.utils.make_msgid(domain=cfg.hostname)}\r\n")
-        if "date" not in ev.header_names:
-            missing.append(f"Date: {email.utils.format_datetime(email.utils.localtime())}\r\n")
-        if not missing:
+        """RFC 6409 §8.2, §8.3: add Message-ID and Date when the client did not (slow path:
+        copies the message; used only when the header section was too big to hold)."""
+        extra = _missing_submission_headers(ev.header_names, self.ctx.config.hostname)
+        if not extra:
             return
         txn = self.txn
         old = txn.spool
         assert old is not None
         new = SpoolFile(self.ctx.tmp_dir)
-        extra = "".join(missing).encode()
+        new.name = old.name  # the id already written in the Received field
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, _splice, old, new, txn.trace_len, extra)
         old.discard()
@@ -391,6 +419,16 @@ def _rfc5322_now() -> str:
         _date_text = email.utils.format_datetime(email.utils.localtime())
         _date_sec = now
     return _date_text
+
+
+def _missing_submission_headers(names: frozenset[str], hostname: str) -> bytes:
+    """Message-ID and Date fields for a submitted message lacking them (RFC 6409 §8.2, §8.3)."""
+    out = ""
+    if "message-id" not in names:
+        out += f"Message-ID: {email.utils.make_msgid(domain=hostname)}\r\n"
+    if "date" not in names:
+        out += f"Date: {_rfc5322_now()}\r\n"
+    return out.encode()
 
 
 def _splice(old: SpoolFile, new: SpoolFile, at: int, extra: bytes) -> None:

@@ -68,10 +68,11 @@ def fsync_dir(path: Path) -> None:
 class SpoolFile:
     """A temp file being written on the event loop (page-cache writes, no fsync here)."""
 
-    __slots__ = ("closed", "fd", "path", "size")
+    __slots__ = ("closed", "fd", "name", "path", "size")
 
     def __init__(self, tmp_dir: Path) -> None:
-        self.path = tmp_dir / unique_name()
+        self.name = unique_name()  # the message's id and Maildir unique name
+        self.path = tmp_dir / self.name
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self.size = 0
         self.closed = False
@@ -346,10 +347,13 @@ class SpoolPool:
     removes them at stop.
     """
 
-    def __init__(self, tmp_dir: Path, size: int = 32) -> None:
+    def __init__(self, tmp_dir: Path, size: int = 32, *, hand_out_in: Path | None = None) -> None:
         import collections
 
         self.tmp_dir = tmp_dir
+        # With hand_out_in, spares wait in tmp_dir and are renamed into hand_out_in when taken
+        # (a rename allocates no inode), so that directory only ever holds files in use.
+        self.hand_out_in = hand_out_in
         self.size = size
         self._spares: collections.deque[SpoolFile] = collections.deque()
         self._refilling = False
@@ -360,12 +364,24 @@ class SpoolPool:
     def take(self) -> SpoolFile:
         """A fresh, empty spool file (call on the event loop)."""
         spool = self._spares.popleft() if self._spares else None
+        if spool is not None:
+            spool.name = unique_name()  # named when used, not when made: Maildir names carry the time
+            if self.hand_out_in is not None:
+                try:
+                    target = self.hand_out_in / spool.name
+                    os.rename(spool.path, target)
+                    spool.path = target
+                except OSError:
+                    spool.discard()
+                    spool = None
         if len(self._spares) < self.size // 2 and not self._refilling and self.size > 0:
             import asyncio
 
             self._refilling = True
             asyncio.get_running_loop().create_task(self._refill())
-        return spool if spool is not None else SpoolFile(self.tmp_dir)
+        if spool is not None:
+            return spool
+        return SpoolFile(self.hand_out_in or self.tmp_dir)
 
     async def _refill(self) -> None:
         import asyncio
