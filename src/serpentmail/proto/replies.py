@@ -13,13 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """One SMTP reply: a three-digit code, an enhanced status code and human text."""
+class ReplyClass:
+    """The reply-code classes of RFC 5321 §4.2.1, for anything with a ``code``."""
 
+    __slots__ = ()
     code: int
-    enhanced: str
-    text: str
 
     @property
     def is_positive(self) -> bool:
@@ -32,6 +30,15 @@ class Reply:
     @property
     def is_permanent(self) -> bool:
         return self.code >= 500
+
+
+@dataclass(frozen=True, slots=True)
+class Reply(ReplyClass):
+    """One SMTP reply: a three-digit code, an enhanced status code and human text."""
+
+    code: int
+    enhanced: str
+    text: str
 
     def with_text(self, text: str) -> Reply:
         return Reply(self.code, self.enhanced, text)

@@ -38,6 +38,8 @@ import re
 from collections import deque
 from dataclasses import dataclass, field
 
+from .replies import ReplyClass
+
 # RFC 5321 §4.5.3.1.5 sets 512 octets as the minimum reply line length; be generous with
 # real servers but bounded, so a peer cannot make us buffer without limit.
 MAX_REPLY_LINE = 8192
@@ -58,7 +60,7 @@ class ProtocolError(RuntimeError):
 
 
 @dataclass(frozen=True, slots=True)
-class ServerReply:
+class ServerReply(ReplyClass):
     """One complete (possibly multi-line) reply and the command it answers."""
 
     command: str  # "GREETING", "EHLO", "HELO", "MAIL", "RCPT", "DATA", "DOT", "BDAT", ...
@@ -66,18 +68,6 @@ class ServerReply:
     enhanced: str  # "" when the server sent no enhanced status code (RFC 2034)
     lines: tuple[str, ...]  # the text of each line, enhanced code removed
     argument: str = ""  # e.g. the recipient for RCPT
-
-    @property
-    def is_positive(self) -> bool:
-        return 200 <= self.code < 400
-
-    @property
-    def is_transient(self) -> bool:
-        return 400 <= self.code < 500
-
-    @property
-    def is_permanent(self) -> bool:
-        return self.code >= 500
 
     @property
     def text(self) -> str:
