@@ -331,7 +331,6 @@ def from_dict(raw: dict[str, Any], *, path: Path | None = None, text: str = "") 
         loc = f"{where}:{line}" if line else where
         return ConfigError(f"{loc}: key '{full}': {msg}")
 
-    base = embedded_default()
     hostname = machine_fqdn()
     data_dir = Path("/var/lib/serpentmail")
     user = ""
@@ -388,7 +387,6 @@ def from_dict(raw: dict[str, Any], *, path: Path | None = None, text: str = "") 
     tls = sections.get("tls", TLSConfig())
     if (tls.cert is None) != (tls.key is None):
         raise fail("tls", "cert" if tls.cert is None else "key", "tls.cert and tls.key must be given together")
-    del base
     return Config(
         hostname=hostname,
         data_dir=data_dir,

@@ -61,6 +61,7 @@ def test_sandbox_up_status_down(tmp_path: Path) -> None:
         assert status.returncode == 0, status.stderr
         rows = {r["domain"]: r for r in json.loads(status.stdout)["domains"]}
         assert rows["yahoo.test"]["mailboxes"] == {"bill@yahoo.test": [0, 0]}
+        assert rows["yahoo.test"]["queue"] == rows["winview.test"]["queue"] == 0
         assert _pids_of(root)
     finally:
         down = subprocess.run([*SM, "sandbox", "down", "--dir", str(root)], capture_output=True, text=True, timeout=60)

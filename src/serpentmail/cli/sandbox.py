@@ -18,6 +18,7 @@ import click
 from rich.table import Table
 
 from ..accounts.db import AccountDB
+from ..queue.store import QueueStore
 from ..sandbox.control import (
     alive,
     read_state,
@@ -115,16 +116,8 @@ def _count(d: Path) -> int:
 
 
 def _queue_size(data_dir: Path) -> int:
-    try:
-        from ..queue.store import QueueStore  # the queue's own notion of an item
-    except ImportError:
-        QueueStore = None  # type: ignore[assignment,misc]
-    if QueueStore is not None:
-        try:
-            return len(QueueStore.list_ids(data_dir))  # type: ignore[attr-defined]
-        except Exception:
-            pass
-    return sum(1 for p in (data_dir / "queue").rglob("*.json"))
+    """Items in an instance's outbound queue (its envelopes; no body is read)."""
+    return sum(1 for _ in QueueStore(data_dir).ids())
 
 
 @sandbox.command("status")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import smtplib
 import socket
 import ssl
 import tempfile
@@ -149,7 +150,7 @@ class Demo:
             c.login(BILL, BILL_PW)
             try:
                 c.sendmail(BILL, [to], msg)
-            except smtplib_errors() as exc:
+            except (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as exc:
                 code = getattr(exc, "smtp_code", 0) or next(iter(getattr(exc, "recipients", {}).values()), (0, b""))[0]
                 return int(code), str(exc)
             return 250, "accepted"
@@ -343,8 +344,3 @@ class Demo:
             table.add_row(str(r.number), r.title if r.ok else r.summary, "[green]passed[/]" if r.ok else "[red]FAILED[/]")
         return table
 
-
-def smtplib_errors() -> tuple[type[Exception], ...]:
-    import smtplib
-
-    return (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused, smtplib.SMTPDataError)
