@@ -147,6 +147,16 @@ def _target(state: State, host: str | None, port: int | None, tls_mode: str, ins
     return SubmitTarget(host, port, implicit, verify)
 
 
+def _submit_and_report(target: SubmitTarget, login: str, password: str, msg: EmailMessage | bytes, sender: str,
+                       recipients: list[str], cafile: str | None, as_json: bool) -> int:
+    try:
+        results = submit(target, login, password, msg, sender, recipients, cafile=cafile)
+    except (smtplib.SMTPException, OSError) as exc:
+        _session_error(exc)
+        return 1
+    return _report(results, as_json)
+
+
 def _session_error(exc: Exception) -> None:
     if isinstance(exc, smtplib.SMTPAuthenticationError):
         fail(f"authentication failed: {exc.smtp_code} {_text(exc.smtp_error)}")
@@ -215,13 +225,7 @@ def send(state: State, sender: str, to: tuple[str, ...], cc: tuple[str, ...], bc
         ctype, _ = mimetypes.guess_type(path)
         maintype, subtype = (ctype or "application/octet-stream").split("/", 1)
         msg.add_attachment(Path(path).read_bytes(), maintype=maintype, subtype=subtype, filename=Path(path).name)
-    recipients = [*to, *cc, *bcc]
-    try:
-        results = submit(target, login, password, msg, sender, recipients, cafile=cafile)
-    except (smtplib.SMTPException, OSError) as exc:
-        _session_error(exc)
-        return 1
-    return _report(results, as_json)
+    return _submit_and_report(target, login, password, msg, sender, [*to, *cc, *bcc], cafile, as_json)
 
 
 @cli.command()
@@ -263,9 +267,4 @@ def sendmail(state: State, from_headers: bool, ignore_dots: bool, sender: str | 
         return 1
     target = _target(state, host, port, tls_mode, insecure)
     data = msg.as_bytes(policy=SMTP_POLICY) if from_headers else raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-    try:
-        results = submit(target, login, password, data, env_sender, rcpts, cafile=cafile)
-    except (smtplib.SMTPException, OSError) as exc:
-        _session_error(exc)
-        return 1
-    return _report(results, as_json)
+    return _submit_and_report(target, login, password, data, env_sender, rcpts, cafile, as_json)
