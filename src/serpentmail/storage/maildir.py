@@ -357,6 +357,8 @@ class SpoolPool:
         self.size = size
         self._spares: collections.deque[SpoolFile] = collections.deque()
         self._refilling = False
+        self._generation = 0  # bumped by close(), so a refill begun before it keeps nothing
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._spares)
@@ -387,11 +389,21 @@ class SpoolPool:
         import asyncio
 
         try:
-            self._spares.extend(await asyncio.to_thread(self.make, self.size - len(self._spares)))
+            # The worker thread adds each file to the pool as it makes it, so a refill cut short
+            # by loop shutdown (its task cancelled while the thread runs on) loses no file.
+            await asyncio.to_thread(self._fill, self.size - len(self._spares), self._generation)
         except OSError:
             pass  # the next take() makes its own file and tries again
         finally:
             self._refilling = False
+
+    def _fill(self, n: int, generation: int) -> None:
+        for spool in self.make(n):
+            with self._lock:
+                if generation != self._generation:  # closed since this refill began
+                    spool.discard()
+                else:
+                    self._spares.append(spool)
 
     def make(self, n: int) -> list[SpoolFile]:
         """Create ``n`` empty spool files (runs in a worker thread)."""
@@ -405,7 +417,9 @@ class SpoolPool:
         return out
 
     def close(self) -> None:
-        """Remove the unused spares (server stop)."""
-        spares, self._spares = self._spares, type(self._spares)()
+        """Remove the unused spares (server stop); a refill still running discards its files."""
+        with self._lock:
+            self._generation += 1
+            spares, self._spares = self._spares, type(self._spares)()
         for sp in spares:
             sp.discard()
