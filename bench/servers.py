@@ -5,7 +5,11 @@
 * :class:`Postfix`: a private Postfix instance (its own ``config_directory``, queue and data
   directories under the temp dir, started with ``postfix -c DIR``; the system's /etc/postfix
   instance is never started or changed), delivering with virtual(8) to a Maildir.
+  With ``submission=True`` it also runs a submission smtpd (STARTTLS required, AUTH through
+  its own :class:`DovecotAuth`, relaying only for authenticated clients).
 * :class:`Dovecot`: a private ``dovecot -c <tmp>/dovecot.conf`` serving POP3 from a Maildir.
+* :class:`DovecotAuth`: a private Dovecot running only its auth service, whose socket in the
+  private Postfix's ``private/`` directory is that Postfix's SASL backend.
 
 Both peers run as the packaged defaults plus what a private, loopback-only instance needs; the
 mailboxes belong to ``nobody`` because neither peer delivers as root.
@@ -222,18 +226,70 @@ scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
+# The submission service (as in Debian's master.cf, on its own port): STARTTLS before anything
+# else, AUTH only after it, relaying only for authenticated clients.
+_SUBMISSION_CF = """\
+{ip}:{port} inet n - n - - smtpd
+  -o syslog_name=postfix-bench/submission
+  -o smtpd_tls_security_level=encrypt
+  -o smtpd_tls_cert_file={cert}
+  -o smtpd_tls_key_file={key}
+  -o smtpd_tls_auth_only=yes
+  -o smtpd_sasl_auth_enable=yes
+  -o smtpd_sasl_type=dovecot
+  -o smtpd_sasl_path=private/auth
+  -o smtpd_client_restrictions=
+  -o smtpd_relay_restrictions=permit_sasl_authenticated,reject
+  -o smtpd_recipient_restrictions=permit_sasl_authenticated,reject
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+"""
+
+
+def self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
+    """A self-signed P-256 certificate and key (the kind serpentmail makes for itself)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return cert_path, key_path
+
 
 class Postfix:
     name = "postfix"
 
-    def __init__(self, root: Path, *, smtpd_limit: int = 100, relay: tuple[str, int] | None = None) -> None:
+    def __init__(self, root: Path, *, smtpd_limit: int = 100, relay: tuple[str, int] | None = None,
+                 submission: bool = False) -> None:
         self.root = root / "postfix"
         self.conf = self.root / "conf"
         self.ip = POSTFIX_IP
         self.smtp_port = free_port(self.ip)
+        self.submission_port = free_port(self.ip) if submission else 0
         self.smtpd_limit = smtpd_limit
         self.relay = relay
         self.started = False
+        # The submission service's SASL backend: its own Dovecot, auth service only.
+        self.auth: DovecotAuth | None = (
+            DovecotAuth(self.root, self.root / "spool" / "private" / "auth") if submission else None)
 
     def setup(self) -> None:
         if which("postfix") is None:
@@ -278,22 +334,34 @@ class Postfix:
             smtpd_tls_security_level = none
             """) + relay)
         (self.conf / "vmailbox").write_text(f"{USER} bench/\n")
-        (self.conf / "master.cf").write_text(_MASTER_CF.format(ip=self.ip, port=self.smtp_port, smtpd_limit=self.smtpd_limit))
+        master = _MASTER_CF.format(ip=self.ip, port=self.smtp_port, smtpd_limit=self.smtpd_limit)
+        if self.submission_port:
+            cert, key = self_signed(self.root / "tls", f"peer.{DOMAIN}")
+            master += _SUBMISSION_CF.format(ip=self.ip, port=self.submission_port, cert=cert, key=key)
+        (self.conf / "master.cf").write_text(master)
         res = run(["postfix", "-c", str(self.conf), "post-install", "create-missing"], check=False)
         if res.returncode != 0:
             raise Unavailable(f"postfix post-install failed: {(res.stderr or res.stdout).strip()[-300:]}")
+        if self.auth is not None:
+            self.auth.setup()
 
     @property
     def new_dir(self) -> Path:
         return self.root / "mail" / "bench" / "new"
 
     def start(self) -> None:
+        if self.auth is not None:
+            self.auth.start()
         res = run(["postfix", "-c", str(self.conf), "start"], check=False)
         if res.returncode != 0:
             tail = (self.root / "maillog").read_text()[-500:] if (self.root / "maillog").exists() else ""
+            if self.auth is not None:
+                self.auth.stop()
             raise Unavailable(f"postfix start failed: {tail or res.stderr}")
         self.started = True
         wait_port(self.ip, self.smtp_port)
+        if self.submission_port:
+            wait_port(self.ip, self.submission_port)
 
     @property
     def pid(self) -> int:
@@ -305,6 +373,8 @@ class Postfix:
             run(["postfix", "-c", str(self.conf), "stop"], check=False)
             self.started = False
             time.sleep(0.3)
+        if self.auth is not None:
+            self.auth.stop()
 
     def cpu(self) -> float:
         return tree_cpu(self.pid)
@@ -415,3 +485,75 @@ class Dovecot:
 
     def cpu(self) -> float:
         return tree_cpu(self.pid)
+
+
+class DovecotAuth(Dovecot):
+    """A private Dovecot with no mail protocols: only its auth service, as a Postfix SASL backend.
+
+    The ``unix_listener`` is the private Postfix's ``private/auth`` (owned by ``postfix``, like a
+    packaged submission setup); the passdb is a passwd-file holding the bench user.
+    """
+
+    name = "dovecot-auth"
+
+    def __init__(self, root: Path, socket: Path) -> None:
+        self.root = root / "dovecot-auth"
+        self.ip = ""
+        self.pop3_port = 0
+        self.socket = socket
+        self.proc_started = False
+
+    def setup(self) -> None:
+        if which("dovecot") is None:
+            raise Unavailable("dovecot is not installed")
+        r = self.root
+        for d in (r / "run", r / "state"):
+            d.mkdir(parents=True, exist_ok=True)
+        (r / "passwd").write_text(f"{USER}:{{PLAIN}}{PASSWORD}:{MAIL_UID}:{MAIL_GID}::{r}\n")
+        self.conf = r / "dovecot.conf"
+        self.conf.write_text(textwrap.dedent(f"""\
+            base_dir = {r / 'run'}
+            state_dir = {r / 'state'}
+            instance_name = dovecot-bench-auth
+            log_path = {r / 'dovecot.log'}
+            protocols = none
+            ssl = no
+            auth_mechanisms = plain login
+            passdb {{
+              driver = passwd-file
+              args = {r / 'passwd'}
+            }}
+            userdb {{
+              driver = passwd-file
+              args = {r / 'passwd'}
+            }}
+            service auth {{
+              unix_listener {self.socket} {{
+                mode = 0660
+                user = postfix
+                group = postfix
+              }}
+            }}
+            service stats {{
+              unix_listener stats-reader {{
+                mode = 0600
+              }}
+              unix_listener stats-writer {{
+                mode = 0666
+              }}
+            }}
+            """))
+
+    def start(self) -> None:
+        with open(self.root / "start.out", "wb") as out:
+            rc = subprocess.run(["dovecot", "-c", str(self.conf)], stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, check=False).returncode
+        if rc != 0:
+            raise Unavailable(f"dovecot (auth) failed to start: {(self.root / 'start.out').read_text().strip()[-400:]}")
+        self.proc_started = True
+        deadline = time.monotonic() + 20
+        while not self.socket.exists():
+            if time.monotonic() > deadline:
+                self.stop()
+                raise Unavailable(f"dovecot (auth) made no socket {self.socket}")
+            time.sleep(0.05)
