@@ -8,6 +8,7 @@ With no file at all, :func:`embedded_default` gives a self-contained setup: data
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import tomllib
@@ -115,6 +116,8 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     user: str = ""  # drop privileges to this user after binding (when run as root)
+    # Server processes sharing the listeners (see server/workers.py); 1 = one process.
+    workers: int = 1
     default_domains: tuple[str, ...] = ()  # domains created at start (embedded default: localhost)
     source: Path | None = None
 
@@ -159,6 +162,23 @@ def parse_duration(value: object) -> float:
         if m:
             return float(m.group(1)) * _DURATION_UNITS[m.group(2) or ""]
     raise ValueError(f"expected a duration like 30s, 5m, 2h or 5d, got {value!r}")
+
+
+MAX_WORKERS = 64
+
+
+def parse_workers(value: object) -> int:
+    """``workers = 4`` or ``workers = "auto"`` (one per CPU the process may run on)."""
+    if value == "auto":
+        try:
+            return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+        except (AttributeError, OSError):
+            return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError('expected a number of processes (1, 2, ...) or "auto"')
+    if not 1 <= value <= MAX_WORKERS:
+        raise ValueError(f"must be between 1 and {MAX_WORKERS}")
+    return value
 
 
 def parse_endpoint(value: object, default_port: int | None = None) -> Endpoint:
@@ -334,6 +354,7 @@ def from_dict(raw: dict[str, Any], *, path: Path | None = None, text: str = "") 
     hostname = machine_fqdn()
     data_dir = Path("/var/lib/serpentmail")
     user = ""
+    workers = 1
     default_domains: tuple[str, ...] = ()
     listeners: dict[str, Listener] = {
         name: Listener((Endpoint("0.0.0.0", port),)) for name, port in _DEFAULT_PORTS.items()
@@ -352,6 +373,8 @@ def from_dict(raw: dict[str, Any], *, path: Path | None = None, text: str = "") 
                 data_dir = data_dir.absolute()
             elif key == "user":
                 user = _str(value)
+            elif key == "workers":
+                workers = parse_workers(value)
             elif key == "domains":
                 default_domains = _list(_str)(value)
             elif key in _LISTENERS:
@@ -396,6 +419,7 @@ def from_dict(raw: dict[str, Any], *, path: Path | None = None, text: str = "") 
         pop3=listeners["pop3"],
         pop3s=listeners["pop3s"],
         tls=tls,
+        workers=workers,
         dns=sections.get("dns", DNSConfig()),
         delivery=sections.get("delivery", DeliveryConfig()),
         limits=sections.get("limits", LimitsConfig()),

@@ -45,7 +45,7 @@ from ..delivery.base import Courier, Envelope, RecipientResult
 from ..log import log_event
 from ..message.dsn import DSNRecipient, build_dsn
 from ..storage.maildir import SpoolFile
-from .store import EnvelopeRecord, QueueStore, RecipientRecord, domain_of
+from .store import EnvelopeRecord, QueueStore, RecipientRecord, domain_of, valid_id
 
 log = logging.getLogger("serpentmail.queue")
 
@@ -110,6 +110,12 @@ class Scheduler:
         self.fresh_limit = 1024
         # Set while load() runs: enqueues wait for it (see enqueue).
         self._loading: asyncio.Event | None = None
+        # False when another process already ran QueueStore.recover() (the parent of several
+        # worker processes, before any of them could enqueue: see server/workers.py).
+        self.recover_at_start = True
+        # With several worker processes, the primary also looks for items it was not told
+        # about every this many seconds (None: never; one process is told of everything).
+        self.rescan_interval: float | None = None
 
     # --- index ---------------------------------------------------------------------------
 
@@ -148,6 +154,32 @@ class Scheduler:
         self._index_record(rec, force=True)
         return rec.id
 
+    def adopt(self, qid: str) -> bool:
+        """Schedule an item another process committed (a worker's enqueue, see
+        server/workers.py): read its envelope and give it its first pass now. Items already
+        known, gone, or half-made are left alone. Returns whether it was adopted."""
+        if qid in self._index or qid in self._active or not valid_id(qid):
+            return False
+        try:
+            rec = self.store.load(qid)  # a few hundred bytes, just written: read inline
+        except (OSError, ValueError):
+            return False
+        if rec is None or not self.store.exists(qid):
+            return False
+        self._index_record(rec, force=True)
+        return True
+
+    async def adopt_unknown(self) -> int:
+        """Adopt every item on disk the index does not know (the safety net behind the
+        workers' notifications: one lost in a full pipe or a restart is found here)."""
+        n = 0
+        for qid in await asyncio.to_thread(lambda: list(self.store.ids())):
+            if self.adopt(qid):
+                n += 1
+        if n:
+            log_event(log, "adopted", items=n)
+        return n
+
     def _remember(self, rec: EnvelopeRecord) -> None:
         if len(self._fresh) < self.fresh_limit:
             self._fresh[rec.id] = rec
@@ -177,9 +209,10 @@ class Scheduler:
             loading.set()
 
     async def _recover_and_index(self) -> int:
-        dropped_env, dropped_data = await asyncio.to_thread(self.store.recover)
-        if dropped_env or dropped_data:
-            log_event(log, "recovered", discarded_envelopes=dropped_env, removed_data=dropped_data)
+        if self.recover_at_start:
+            dropped_env, dropped_data = await asyncio.to_thread(self.store.recover)
+            if dropped_env or dropped_data:
+                log_event(log, "recovered", discarded_envelopes=dropped_env, removed_data=dropped_data)
         records = await asyncio.to_thread(self._scan_index)
         for qid, due, domains in records:
             entry_force = self.retry_all_at_start
@@ -231,6 +264,7 @@ class Scheduler:
     async def _run(self) -> None:
         assert self._wake is not None
         last_poll = 0.0
+        last_rescan = time.monotonic()
         while not self._stopping:
             now_mono = time.monotonic()
             if now_mono - last_poll >= self.poll_interval:
@@ -239,6 +273,12 @@ class Scheduler:
                     await self._take_control_requests()
                 except Exception:
                     log.exception("reading queue control requests failed")
+            if self.rescan_interval is not None and now_mono - last_rescan >= self.rescan_interval:
+                last_rescan = now_mono
+                try:
+                    await self.adopt_unknown()
+                except Exception:
+                    log.exception("scanning the queue for new items failed")
             self._dispatch()
             timeout = self.poll_interval
             if self._heap:

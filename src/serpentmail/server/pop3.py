@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import ipaddress
 import logging
 import os
 import stat
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, BinaryIO
 
 from ..log import log_event
@@ -48,10 +50,11 @@ from ..proto.pop3 import (
 )
 from ..storage.mailbox import Mailbox, MailboxInUse, open_mailbox
 from .context import ServerContext
-from .run import EXTRA_LISTENERS
+from .run import EXTRA_LISTENERS, open_listeners
 from .session import EngineSession
 
 if TYPE_CHECKING:
+    from ..config import Endpoint
     from .run import Server
 
 log = logging.getLogger("serpentmail.pop3")
@@ -423,19 +426,27 @@ async def start_pop3_listeners(ctx: ServerContext, endpoints: list[tuple[str, in
     return servers
 
 
+async def _listen(server: Server, kind: str, endpoints: Sequence[Endpoint], *,
+                  implicit_tls: bool) -> list[asyncio.base_events.Server]:
+    ctx = server.ctx
+    assert ctx is not None
+    factory = functools.partial(POP3Session, ctx, implicit_tls=implicit_tls)
+    return await open_listeners(server, kind, endpoints, factory, ctx.tls if implicit_tls else None)
+
+
 async def _start(server: Server) -> list[asyncio.base_events.Server]:
     ctx = server.ctx
     assert ctx is not None
     cfg = server.config
     servers: list[asyncio.base_events.Server] = []
     if cfg.pop3.listen:
-        servers += await start_pop3_listeners(ctx, [(e.host, e.port) for e in cfg.pop3.listen], implicit_tls=False)
+        servers += await _listen(server, "pop3", cfg.pop3.listen, implicit_tls=False)
         server.bound.extend(("pop3", e) for e in cfg.pop3.listen)
     if cfg.pop3s.listen:
         if ctx.tls is None:
             log_event(log, "pop3s disabled: no TLS certificate", logging.WARNING)
         else:
-            servers += await start_pop3_listeners(ctx, [(e.host, e.port) for e in cfg.pop3s.listen], implicit_tls=True)
+            servers += await _listen(server, "pop3s", cfg.pop3s.listen, implicit_tls=True)
             server.bound.extend(("pop3s", e) for e in cfg.pop3s.listen)
     return servers
 

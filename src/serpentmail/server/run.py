@@ -9,10 +9,13 @@ stop accepting, let transactions in flight finish (bounded), close idle sessions
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+import socket
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..accounts.db import AccountDB
@@ -21,7 +24,7 @@ from ..log import log_event
 from ..proto import replies as R
 from ..storage.maildir import Committer, clean_tmp
 from .context import ServerContext
-from .smtp import start_smtp_listeners
+from .smtp import SMTPSession
 from .tls import server_context
 
 log = logging.getLogger("serpentmail.server")
@@ -34,8 +37,47 @@ StartHook = Callable[["Server"], Awaitable[Callable[[], Awaitable[None]] | None]
 START_HOOKS: list[StartHook] = []
 
 
+# Listening sockets bound by the parent of several worker processes, by (kind, host, port).
+Prebound = dict[tuple[str, str, int], list[socket.socket]]
+
+
 class StartupError(RuntimeError):
     """A clear, user-facing reason the server cannot start (port taken, bad cert...)."""
+
+
+def prepare_data_dir(cfg: Config) -> None:
+    """Data directories made, leftover temp files removed, default domains created. Runs once
+    per start, before anything can receive mail (with workers: in the parent, before forking)."""
+    for sub in ("tmp", "mail", "queue"):
+        (cfg.data_dir / sub).mkdir(parents=True, exist_ok=True)
+    clean_tmp(cfg.data_dir / "tmp")
+    clean_tmp(cfg.data_dir / "tmp" / "spare")
+    if cfg.default_domains:
+        accounts = AccountDB(cfg.db_path)
+        try:
+            for domain in cfg.default_domains:
+                accounts.ensure_domain(domain)
+        finally:
+            accounts.close()
+
+
+async def open_listeners(server: Server, kind: str, endpoints: Sequence[Endpoint],
+                         factory: Callable[[], asyncio.BaseProtocol],
+                         ssl_ctx: ssl.SSLContext | None) -> list[asyncio.base_events.Server]:
+    """Serve ``kind`` on ``endpoints``: on sockets the parent bound (workers), else bound here."""
+    loop = asyncio.get_running_loop()
+    handshake = 30.0 if ssl_ctx else None
+    servers = []
+    for ep in endpoints:
+        socks = server.prebound.get((kind, ep.host, ep.port)) if server.prebound is not None else None
+        if socks:
+            for sock in socks:
+                servers.append(await loop.create_server(factory, sock=sock, ssl=ssl_ctx, backlog=1024,
+                                                        ssl_handshake_timeout=handshake))
+        else:
+            servers.append(await loop.create_server(factory, ep.host, ep.port, ssl=ssl_ctx, reuse_address=True,
+                                                    backlog=1024, ssl_handshake_timeout=handshake))
+    return servers
 
 
 @dataclass
@@ -44,6 +86,14 @@ class Server:
     ctx: ServerContext | None = None
     listeners: dict[str, list[asyncio.base_events.Server]] = field(default_factory=dict)
     bound: list[tuple[str, Endpoint]] = field(default_factory=list)
+    # Set by server/workers.py in each worker process: which one this is, of how many, the
+    # listening sockets the parent bound, and the queue-notice pipe (read end on worker 0,
+    # the primary, which runs the queue scheduler; write end on the others).
+    worker_index: int = 0
+    worker_count: int = 1
+    prebound: Prebound | None = None
+    notify_fd: int | None = None
+    parent_tls: ssl.SSLContext | None = None  # loaded by the parent, before dropping privileges
     _stoppers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def start(self, on_bound: Callable[[Server], None] | None = None) -> None:
@@ -51,23 +101,24 @@ class Server:
         privileges are dropped (so it may still read whatever root can)."""
         load_components()
         cfg = self.config
-        for sub in ("tmp", "mail", "queue"):
-            (cfg.data_dir / sub).mkdir(parents=True, exist_ok=True)
-        clean_tmp(cfg.data_dir / "tmp")
-        clean_tmp(cfg.data_dir / "tmp" / "spare")
+        if self.prebound is None:  # a worker's parent has done this before forking
+            prepare_data_dir(cfg)
         accounts = AccountDB(cfg.db_path)
-        for domain in cfg.default_domains:
-            accounts.ensure_domain(domain)
-        try:
-            tls = server_context(cfg)
-        except (OSError, ValueError) as exc:
-            raise StartupError(f"cannot load TLS certificate: {exc}") from exc
+        if self.prebound is not None:
+            tls = self.parent_tls
+        else:
+            try:
+                tls = server_context(cfg)
+            except (OSError, ValueError) as exc:
+                raise StartupError(f"cannot load TLS certificate: {exc}") from exc
         self.ctx = ServerContext(cfg, accounts, Committer(), tls)
         try:
             for kind in ("smtp", "submission", "submissions"):
                 eps = getattr(cfg, kind).listen
                 if eps:
-                    self.listeners[kind] = await start_smtp_listeners(self.ctx, kind, [(e.host, e.port) for e in eps])  # type: ignore[arg-type]
+                    factory = functools.partial(SMTPSession, self.ctx, kind)
+                    ssl_ctx = self.ctx.tls if kind == "submissions" else None
+                    self.listeners[kind] = await open_listeners(self, kind, eps, factory, ssl_ctx)
                     self.bound.extend((kind, e) for e in eps)
             for name, hook in EXTRA_LISTENERS.items():
                 servers = await hook(self)
@@ -85,8 +136,9 @@ class Server:
             stopper = await start_hook(self)
             if stopper is not None:
                 self._stoppers.append(stopper)
+        extra = {"worker": f"{self.worker_index + 1}/{self.worker_count}"} if self.worker_count > 1 else {}
         log_event(log, "started", hostname=cfg.hostname, data_dir=str(cfg.data_dir),
-                  listeners=" ".join(f"{k}={e}" for k, e in self.bound))
+                  listeners=" ".join(f"{k}={e}" for k, e in self.bound), **extra)
 
     async def stop(self, grace: float = 30.0) -> None:
         for servers in self.listeners.values():

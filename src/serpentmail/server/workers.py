@@ -1,0 +1,248 @@
+"""Several server processes sharing the listeners: ``workers = N`` in the config.
+
+One Python process runs one event loop on one core. With ``workers = N`` (or ``"auto"``, one
+per CPU) ``serpentmail serve`` becomes a small supervisor, as Postfix's master(8) and Dovecot
+are:
+
+1. The parent prepares everything that must happen exactly once and before any mail can
+   arrive: data directories, leftover temp files removed, default domains, the TLS
+   certificate (made on first start), and the queue spool recovered (``QueueStore.recover``
+   removes half-made items, which must not race a worker's enqueue).
+2. It binds every listening socket itself (so "address already in use" is one clear error)
+   and then drops privileges when ``user`` is set.
+3. It forks N workers. Each runs the ordinary :class:`Server` on the inherited sockets; the
+   kernel hands each new connection to one of the processes waiting in ``accept``.
+4. Worker 1 (the primary) also runs the queue scheduler. The others commit queue items
+   exactly as it would and write the item's id to a pipe the primary reads
+   (``queue/service.py``: ``QueueForwarder``); the primary also scans the spool every 30 s
+   for items it was not told about, so a lost notice delays an item, never loses it.
+5. SIGTERM or SIGINT to the parent is passed to every worker, which stops gracefully; the
+   parent exits when they have. A worker that dies unexpectedly is started again (at most
+   five times a minute, then the whole server stops with an error).
+
+Shared by construction: mailboxes, the queue spool, the accounts database and POP3's
+maildrop locks (``flock``, per open file, so they hold across processes). Counted per
+worker process, by design: the connection limits, the failed-login throttle and the
+per-user hourly sending limit; with N workers a client may reach up to N times those
+limits before it is refused (docs/operations.md says so).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+import time
+from collections.abc import Callable
+
+from ..config import Config
+from ..log import log_event
+from .run import (
+    Prebound,
+    Server,
+    StartupError,
+    _drop_privileges,
+    _preload_modules,
+    install_event_loop_policy,
+    prepare_data_dir,
+)
+from .tls import server_context
+
+log = logging.getLogger("serpentmail.server")
+
+KINDS = ("smtp", "submission", "submissions", "pop3", "pop3s")
+RESTARTS_PER_MINUTE = 5
+EXIT_STARTUP = 3  # a worker's exit status when its Server could not start
+
+
+def bind_listeners(cfg: Config, *, tls: bool) -> tuple[Prebound, list[tuple[str, str]]]:
+    """Bind and listen on every configured endpoint. Returns the sockets and (kind, endpoint)
+    rows for the start-up table. Raises StartupError naming the endpoint that failed."""
+    bound: Prebound = {}
+    rows: list[tuple[str, str]] = []
+    try:
+        for kind in KINDS:
+            if kind in ("submissions", "pop3s") and not tls:
+                continue
+            for ep in getattr(cfg, kind).listen:
+                socks = bound.setdefault((kind, ep.host, ep.port), [])
+                try:
+                    infos = socket.getaddrinfo(ep.host or None, ep.port, type=socket.SOCK_STREAM,
+                                               flags=socket.AI_PASSIVE)
+                except socket.gaierror as exc:
+                    raise StartupError(f"cannot listen on {ep} ({kind}): {exc.strerror}") from exc
+                seen: set[tuple[int, object]] = set()
+                for family, type_, proto, _name, addr in infos:
+                    if (family, addr) in seen:
+                        continue
+                    seen.add((family, addr))
+                    sock = socket.socket(family, type_, proto)
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                        if family == socket.AF_INET6:
+                            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                        sock.bind(addr)
+                        sock.listen(1024)
+                        sock.setblocking(False)
+                    except OSError as exc:
+                        sock.close()
+                        raise StartupError(f"cannot listen on {ep} ({kind}): {exc.strerror or exc}") from exc
+                    socks.append(sock)
+                rows.append((kind, str(ep)))
+    except BaseException:
+        for socks in bound.values():
+            for sock in socks:
+                sock.close()
+        raise
+    return bound, rows
+
+
+def _recover_queue(cfg: Config) -> None:
+    from ..queue.store import QueueStore
+
+    store = QueueStore(cfg.data_dir)
+    dropped_env, dropped_data = store.recover()
+    store.discard_spares()
+    if dropped_env or dropped_data:
+        log_event(log, "recovered", discarded_envelopes=dropped_env, removed_data=dropped_data)
+
+
+def _worker_main(cfg: Config, index: int, count: int, prebound: Prebound, notify_fd: int,
+                 tls: ssl.SSLContext | None) -> int:
+    """The body of a forked worker: the ordinary server on the inherited sockets."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    install_event_loop_policy()
+    server = Server(cfg, worker_index=index, worker_count=count, prebound=prebound, notify_fd=notify_fd,
+                    parent_tls=tls)
+    try:
+        asyncio.run(server.run_until_signal())
+    except StartupError as exc:
+        log_event(log, "worker cannot start", logging.ERROR, worker=index + 1, reason=str(exc))
+        return EXIT_STARTUP
+    except KeyboardInterrupt:
+        return 0
+    except Exception:
+        log.exception("worker %d failed", index + 1)
+        return 1
+    return 0
+
+
+class Supervisor:
+    """The parent process: forks the workers, restarts one that dies, stops them all."""
+
+    def __init__(self, cfg: Config, count: int, prebound: Prebound, tls: ssl.SSLContext | None) -> None:
+        self.cfg = cfg
+        self.tls = tls
+        self.count = count
+        self.prebound = prebound
+        self.children: dict[int, int] = {}  # pid -> worker index
+        self.started_at: dict[int, float] = {}
+        self.restarts: list[float] = []
+        self.stopping = False
+        self.failure: str | None = None
+        self.notify_r, self.notify_w = os.pipe()
+
+    def _spawn(self, index: int) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        for h in logging.getLogger().handlers:
+            h.flush()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                # The primary reads notices; the others write them. Close the other end so
+                # the primary sees end-of-file when every writer has gone.
+                if index == 0:
+                    os.close(self.notify_w)
+                    fd = self.notify_r
+                else:
+                    os.close(self.notify_r)
+                    fd = self.notify_w
+                    os.set_blocking(fd, False)  # a full pipe drops the notice, never blocks
+                code = _worker_main(self.cfg, index, self.count, self.prebound, fd, self.tls)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self.children[pid] = index
+        self.started_at[index] = time.monotonic()
+
+    def _signal(self, signum: int, _frame: object) -> None:
+        self.stopping = True
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def run(self) -> int:
+        old = {s: signal.signal(s, self._signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            for i in range(self.count):
+                self._spawn(i)
+            while self.children:
+                try:
+                    pid, status = os.waitpid(-1, 0)
+                except ChildProcessError:
+                    break
+                except InterruptedError:
+                    continue
+                index = self.children.pop(pid, None)
+                if index is None:
+                    continue
+                code = os.waitstatus_to_exitcode(status)
+                if self.stopping:
+                    continue
+                self._handle_exit(index, code)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            for fd in (self.notify_r, self.notify_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        if self.failure:
+            raise StartupError(self.failure)
+        log_event(log, "all workers stopped")
+        return 0
+
+    def _handle_exit(self, index: int, code: int) -> None:
+        now = time.monotonic()
+        if code == EXIT_STARTUP:
+            self.failure = f"worker {index + 1} could not start (see the log)"
+            self._signal(signal.SIGTERM, None)
+            return
+        self.restarts = [t for t in self.restarts if now - t < 60] + [now]
+        if len(self.restarts) > RESTARTS_PER_MINUTE:
+            self.failure = f"worker {index + 1} exited with status {code}; too many restarts, stopping"
+            self._signal(signal.SIGTERM, None)
+            return
+        log_event(log, "worker died, restarting", logging.ERROR, worker=index + 1, status=code)
+        self._spawn(index)
+
+
+def serve_workers(cfg: Config, on_ready: Callable[[list[tuple[str, str]]], None] | None = None) -> int:
+    """``serpentmail serve`` with ``workers`` > 1 (see the module docstring)."""
+    from . import run
+
+    run.load_components()
+    prepare_data_dir(cfg)
+    try:
+        tls = server_context(cfg)  # makes the self-signed certificate once, before forking
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"cannot load TLS certificate: {exc}") from exc
+    _recover_queue(cfg)
+    prebound, rows = bind_listeners(cfg, tls=tls is not None)
+    if on_ready is not None:
+        on_ready(rows)
+    if cfg.user and os.geteuid() == 0:
+        _preload_modules()
+        _drop_privileges(cfg.user, cfg)
+    log_event(log, "starting workers", count=cfg.workers)
+    return Supervisor(cfg, cfg.workers, prebound, tls).run()

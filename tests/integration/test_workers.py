@@ -1,0 +1,191 @@
+"""``workers = N``: a real ``serpentmail serve`` with several processes on 127.0.15.x.
+
+Checked as an administrator would: every message lands in the Maildir whatever process took
+the connection; mail queued by any worker reaches the remote host (through the primary's
+scheduler); a killed worker is replaced; SIGTERM stops every process; a taken port is one
+clear error line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from serpentmail.accounts.db import AccountDB
+from tests.helpers import add_user, free_port, maildir_files, make_config, running_server
+
+HOST = "127.0.15.1"
+REMOTE = "127.0.15.2"
+
+
+def _conf(tmp_path: Path, *, workers: int, relay: tuple[str, int] | None = None,
+          smtp_port: int | None = None) -> tuple[Path, dict[str, int]]:
+    ports = {"smtp": smtp_port or free_port(HOST), "submission": free_port(HOST), "pop3": free_port(HOST)}
+    text = f"""hostname = "mx.w.test"
+data_dir = "{tmp_path / 'data'}"
+workers = {workers}
+[smtp]
+listen = ["{HOST}:{ports['smtp']}"]
+[submission]
+listen = ["{HOST}:{ports['submission']}"]
+[submissions]
+listen = []
+[pop3]
+listen = ["{HOST}:{ports['pop3']}"]
+[pop3s]
+listen = []
+[log]
+file = "{tmp_path / 'serve.log'}"
+"""
+    if relay:
+        text += f'[delivery]\nrelay = "{relay[0]}:{relay[1]}"\nrelay_tls = "none"\n'
+    path = tmp_path / "mail.toml"
+    path.write_text(text)
+    db = AccountDB(tmp_path / "data" / "accounts.sqlite3")
+    db.ensure_domain("w.test")
+    db.add_user("bill@w.test", "billpw")
+    db.close()
+    return path, ports
+
+
+def _children(pid: int) -> set[int]:
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            out.update(int(c) for c in (task / "children").read_text().split())
+    return out
+
+
+def _wait(cond: object, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((HOST, port)) == 0
+
+
+@contextlib.contextmanager
+def serve(conf: Path, ports: dict[str, int], workers: int) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen([sys.executable, "-m", "serpentmail", "-c", str(conf), "serve"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait(lambda: _port_open(ports["smtp"]) and len(_children(proc.pid)) == workers)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _maildir(tmp_path: Path, user_id: int = 1) -> Path:
+    return tmp_path / "data" / "mail" / str(user_id) / "new"
+
+
+def _count(d: Path) -> int:
+    return len(list(d.iterdir())) if d.exists() else 0
+
+
+def test_two_workers_store_every_message_and_stop_together_on_sigterm(tmp_path: Path) -> None:
+    conf, ports = _conf(tmp_path, workers=2)
+    with serve(conf, ports, 2) as proc:
+        kids = _children(proc.pid)
+        assert len(kids) == 2
+        n = 40
+        for i in range(n):
+            with smtplib.SMTP(HOST, ports["smtp"], timeout=10) as s:
+                s.sendmail("x@else.test", ["bill@w.test"], f"Subject: m{i}\r\n\r\nbody {i}\r\n".encode())
+        files = sorted(_maildir(tmp_path).iterdir())
+        assert len(files) == n  # each 250 came after the file was in new/
+        bodies = {f.read_bytes().split(b"\r\n\r\n", 1)[1] for f in files}
+        assert bodies == {f"body {i}\r\n".encode() for i in range(n)}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        for kid in kids:
+            assert not Path(f"/proc/{kid}").exists() or "zombie" in Path(f"/proc/{kid}/status").read_text()
+    log = (tmp_path / "serve.log").read_text()
+    assert "worker=1/2" in log and "worker=2/2" in log and "all workers stopped" in log
+    assert "Traceback" not in log
+
+
+def test_a_killed_worker_is_replaced_and_mail_keeps_flowing(tmp_path: Path) -> None:
+    conf, ports = _conf(tmp_path, workers=2)
+    with serve(conf, ports, 2) as proc:
+        victim = min(_children(proc.pid))
+        os.kill(victim, signal.SIGKILL)
+        _wait(lambda: victim not in _children(proc.pid) and len(_children(proc.pid)) == 2)
+        for i in range(10):
+            with smtplib.SMTP(HOST, ports["smtp"], timeout=10) as s:
+                s.sendmail("x@else.test", ["bill@w.test"], f"Subject: after {i}\r\n\r\nx\r\n".encode())
+        assert _count(_maildir(tmp_path)) == 10
+    assert "worker died, restarting" in (tmp_path / "serve.log").read_text()
+
+
+def test_mail_queued_by_any_worker_reaches_the_remote_host(tmp_path: Path) -> None:
+    dest = make_config(tmp_path / "dest", REMOTE, listeners=("smtp",), hostname="mx.r.test")
+    add_user(dest, "joe@r.test")
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with running_server(dest) as remote:
+        conf, ports = _conf(tmp_path, workers=2, relay=remote.endpoint("smtp"))
+        with serve(conf, ports, 2) as proc:
+            n = 24
+            for i in range(n):  # one connection each: the kernel spreads them over both workers
+                with smtplib.SMTP(HOST, ports["submission"], timeout=10) as s:
+                    s.starttls(context=ctx)
+                    s.login("bill@w.test", "billpw")
+                    s.sendmail("bill@w.test", ["joe@r.test"], f"Subject: r{i}\r\n\r\nremote {i}\r\n".encode())
+            _wait(lambda: len(maildir_files(dest, "joe@r.test")) >= n, timeout=30)
+            time.sleep(0.5)
+            got = [p.read_bytes() for p in maildir_files(dest, "joe@r.test")]
+            assert len(got) == n  # each exactly once
+            assert {g.split(b"\r\n\r\n", 1)[1] for g in got} == {f"remote {i}\r\n".encode() for i in range(n)}
+            _wait(lambda: not any((tmp_path / "data" / "queue" / "env").iterdir()), timeout=10)
+            assert proc.poll() is None
+
+
+def test_a_taken_port_is_one_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as blocker:
+        blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        blocker.bind((HOST, 0))
+        blocker.listen(1)
+        port = blocker.getsockname()[1]
+        conf, _ports = _conf(tmp_path, workers=2, smtp_port=port)
+        res = subprocess.run([sys.executable, "-m", "serpentmail", "-c", str(conf), "serve"],
+                             capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0
+    assert f"cannot listen on {HOST}:{port} (smtp)" in res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+
+
+@pytest.mark.parametrize("value,ok", [("2", True), ('"auto"', True), ("0", False), ('"many"', False)])
+def test_workers_key_is_validated(tmp_path: Path, value: str, ok: bool) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'data_dir = "{tmp_path}"\nworkers = {value}\n')
+    res = subprocess.run([sys.executable, "-m", "serpentmail", "-c", str(conf), "config", "check"],
+                         capture_output=True, text=True, timeout=60)
+    assert (res.returncode == 0) == ok, res.stderr
+    if not ok:
+        assert "key 'workers'" in res.stderr and ":2:" in res.stderr
