@@ -189,3 +189,13 @@ def test_workers_key_is_validated(tmp_path: Path, value: str, ok: bool) -> None:
     assert (res.returncode == 0) == ok, res.stderr
     if not ok:
         assert "key 'workers'" in res.stderr and ":2:" in res.stderr
+
+
+def test_workers_do_not_outlive_a_killed_supervisor(tmp_path: Path) -> None:
+    conf, ports = _conf(tmp_path, workers=2)
+    with serve(conf, ports, 2) as proc:
+        kids = _children(proc.pid)
+        proc.kill()
+        proc.wait()
+        _wait(lambda: not any(Path(f"/proc/{k}").exists() for k in kids), timeout=30)
+        assert not _port_open(ports["smtp"])

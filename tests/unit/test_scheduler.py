@@ -478,3 +478,41 @@ def test_enqueue_waits_for_spool_recovery(tmp_path: Path) -> None:
 
     qid = asyncio.run(go())
     assert courier.attempts("a@far.test") == 1 and not store.exists(qid)
+
+
+def test_items_another_worker_queued_are_adopted_from_notices_or_the_scan(tmp_path: Path) -> None:
+    """workers = N: a non-primary worker commits with QueueForwarder and writes the id to a
+    pipe; the primary's scheduler adopts it. A notice that never arrives is found by the scan."""
+    import os
+
+    from serpentmail.queue.service import QueueForwarder, _read_notices
+
+    clock = Clock()
+    courier = FakeCourier()
+    sched, store = make(tmp_path, courier, clock)
+    other = QueueStore(tmp_path, clock=clock)  # the other process's view of the same spool
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+
+    async def go() -> tuple[str, str]:
+        await sched.load()
+        fwd = QueueForwarder(other, w)
+        spool = SpoolFile(other.spool_tmp)
+        spool.write(b"Subject: one\r\n\r\nfirst\r\n")
+        told = await fwd.enqueue(spool, "bill@home.test", ["a@far.test"])
+        _read_notices(r, sched, bytearray())
+        assert sched.adopt(told) is False  # already known: a repeated notice does nothing
+        await sched.run_once()
+        # Committed but the notice lost (say the pipe was full): the scan finds it.
+        lost = put(other, "bill@home.test", ["b@far.test"])
+        assert await sched.adopt_unknown() == 1
+        await sched.run_once()
+        return told, lost
+
+    told, lost = asyncio.run(go())
+    os.close(r)
+    os.close(w)
+    assert [c[0] for c in courier.calls] == [told, lost]
+    assert courier.calls[0][3] == b"Subject: one\r\n\r\nfirst\r\n"
+    assert list(store.ids()) == []  # both delivered and removed, each once
+    assert sched.adopt(told) is False  # gone: a late notice does nothing

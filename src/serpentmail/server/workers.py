@@ -111,6 +111,20 @@ def _recover_queue(cfg: Config) -> None:
         log_event(log, "recovered", discarded_envelopes=dropped_env, removed_data=dropped_data)
 
 
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGTERM this worker when the supervisor dies, even by SIGKILL (prctl
+    PR_SET_PDEATHSIG), so no worker is left serving without a parent to restart or stop it."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _worker_main(cfg: Config, index: int, count: int, prebound: Prebound, notify_fd: int,
                  tls: ssl.SSLContext | None) -> int:
     """The body of a forked worker: the ordinary server on the inherited sockets."""
@@ -152,10 +166,12 @@ class Supervisor:
             stream.flush()
         for h in logging.getLogger().handlers:
             h.flush()
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
+                _die_with_parent(parent)
                 # The primary reads notices; the others write them. Close the other end so
                 # the primary sees end-of-file when every writer has gone.
                 if index == 0:
