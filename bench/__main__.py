@@ -36,8 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-install", action="store_true", help="do not apt-get install missing peers")
     ap.add_argument("--keep", action="store_true", help="keep the temp directory (logs, mailboxes)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    ap.add_argument("--workers", default="auto", help='serpentmail\'s `workers` setting ("auto" = one per CPU, or a number)')
     args = ap.parse_args(argv)
     console = Console()
+    Serpent.workers = args.workers
     names = args.only or (QUICK if args.quick else ORDER)
     started = time.monotonic()
     # SIGTERM unwinds like Ctrl-C, so the private Postfix/Dovecot/serpentmail are stopped.
@@ -111,11 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python -m bench" + (" --quick" if args.quick else "") + (f" --reps {args.reps}" if args.reps != 3 else "") \
-        + (f" --only {' '.join(args.only)}" if args.only else "")
+        + (f" --only {' '.join(args.only)}" if args.only else "") \
+        + (f" --workers {args.workers}" if args.workers != "auto" else "")
     png = args.out / f"{stamp}.png"
     has_chart = report.chart(rows, png)
     text = report.markdown(rows, title=f"serpentmail benchmark {stamp}" + (" (quick)" if args.quick else ""),
-                           command=command, reps=args.reps, elapsed=elapsed)
+                           command=command, reps=args.reps, elapsed=elapsed,
+                           setup=f"serpentmail `workers = {args.workers}` ({_cpus()} CPUs)")
     if has_chart:
         shutil.copyfile(png, args.out / "latest.png")
         text += f"\n![throughput]({png.name})\n"
@@ -124,6 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     console.print(text, markup=False, highlight=False)
     console.print(f"written {args.out / f'{stamp}.md'}" + (f" and {png}" if has_chart else " (no chart: pip install matplotlib)"))
     return 0
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -65,11 +65,11 @@ def versions() -> str:
     return ", ".join(out)
 
 
-def markdown(rows: Sequence[Row], *, title: str, command: str, reps: int, elapsed: float) -> str:
+def markdown(rows: Sequence[Row], *, title: str, command: str, reps: int, elapsed: float, setup: str = "") -> str:
     lines = [f"# {title}", "",
              f"- command: `{command}`",
              f"- machine: {machine()}",
-             f"- software: {versions()}",
+             f"- software: {versions()}" + (f"; {setup}" if setup else ""),
              f"- {reps} repetitions, serpentmail and the peer alternately (A B A B …); "
              "median **bold** (min–max); ratio = serpentmail ÷ peer within each repetition",
              f"- wall time {elapsed:.0f} s; other work shares this machine, so compare ratios, not absolute figures",

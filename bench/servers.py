@@ -97,6 +97,9 @@ def retire(maildir: Path, root: Path, *, uid: int = -1, gid: int = -1) -> None:
 
 class Serpent:
     name = "serpentmail"
+    # `workers` in its config: "auto" (one process per CPU, the setting an administrator of a
+    # multi-core machine would choose, as Postfix and Dovecot run many processes) or a number.
+    workers = "auto"
 
     def __init__(self, root: Path, *, pop3: bool = False, submission: bool = False,
                  sink: tuple[str, int] | None = None) -> None:
@@ -123,9 +126,11 @@ class Serpent:
         relay = ""
         if self.sink:
             relay = f'[delivery]\nrelay = "{self.sink[0]}:{self.sink[1]}"\nrelay_tls = "none"\n'
+        workers = f'"{self.workers}"' if self.workers == "auto" else self.workers
         self.conf.write_text(textwrap.dedent(f"""\
             hostname = "mx.{DOMAIN}"
             data_dir = "{self.data}"
+            workers = {workers}
             [smtp]
             listen = ["{self.ip}:{self.smtp_port}"]
             [submission]
