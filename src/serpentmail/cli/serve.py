@@ -55,7 +55,7 @@ def serve(state: State, json_log: bool) -> int:
             serve_workers(cfg, ready_rows)
             return 0
         install_event_loop_policy()
-        server = Server(cfg)
+        server = Server(cfg, freeze_gc=True)
 
         def ready(s: Server) -> None:
             domains = s.ctx.accounts.list_domains() if s.ctx else []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import os
 import signal
@@ -94,6 +95,7 @@ class Server:
     prebound: Prebound | None = None
     notify_fd: int | None = None
     parent_tls: ssl.SSLContext | None = None  # loaded by the parent, before dropping privileges
+    freeze_gc: bool = False  # `serve` (a process of its own): gc.freeze() once started
     _stoppers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def start(self, on_bound: Callable[[Server], None] | None = None) -> None:
@@ -136,6 +138,11 @@ class Server:
             stopper = await start_hook(self)
             if stopper is not None:
                 self._stoppers.append(stopper)
+        if self.freeze_gc:
+            # Everything made so far (modules, config, caches) lives as long as the server: move
+            # it out of the collector's sight, so full collections walk only what sessions make.
+            gc.collect()
+            gc.freeze()
         extra = {"worker": f"{self.worker_index + 1}/{self.worker_count}"} if self.worker_count > 1 else {}
         log_event(log, "started", hostname=cfg.hostname, data_dir=str(cfg.data_dir),
                   listeners=" ".join(f"{k}={e}" for k, e in self.bound), **extra)

@@ -132,7 +132,7 @@ def _worker_main(cfg: Config, index: int, count: int, prebound: Prebound, notify
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     install_event_loop_policy()
     server = Server(cfg, worker_index=index, worker_count=count, prebound=prebound, notify_fd=notify_fd,
-                    parent_tls=tls)
+                    parent_tls=tls, freeze_gc=True)
     try:
         asyncio.run(server.run_until_signal())
     except StartupError as exc:
