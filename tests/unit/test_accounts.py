@@ -154,6 +154,29 @@ def test_addresses_of(db: AccountDB) -> None:
     assert db.addresses_of(bill) == {"bill@winview.test", "info@winview.test"}
 
 
+def test_may_send_as_agrees_with_addresses_of(db: AccountDB) -> None:
+    bill = db.add_user("bill@winview.test", "secret")
+    ann = db.add_user("ann@winview.test", "secret")
+    db.add_alias("info@winview.test", "bill@winview.test")
+    db.add_alias("chain@winview.test", "info@winview.test")  # alias of an alias
+    db.add_alias("both@winview.test", "ann@winview.test")
+    db.add_alias("both@winview.test", "bill@winview.test")
+    db.add_alias("out@winview.test", "someone@remote.test")
+    db.add_alias("@other.test", "bill@winview.test")  # a catch-all never counts
+    db.add_alias("via-catchall@winview.test", "nobody@other.test")
+    db.add_alias("ann@winview.test", "bill@winview.test")  # the user wins over the alias
+    candidates = ["bill@winview.test", "ann@winview.test", "info@winview.test", "chain@winview.test",
+                  "both@winview.test", "out@winview.test", "x@other.test", "@other.test",
+                  "via-catchall@winview.test", "nobody@winview.test", "bill@winview.test."]
+    for user in (bill, ann):
+        owned = db.addresses_of(user)
+        assert {c for c in candidates if db.may_send_as(user, c)} == owned & set(candidates)
+    assert db.addresses_of(bill) == {"bill@winview.test", "info@winview.test", "chain@winview.test",
+                                     "both@winview.test", "via-catchall@winview.test"}
+    db.del_alias("info@winview.test")  # takes effect at once (no cache)
+    assert not db.may_send_as(bill, "info@winview.test")
+
+
 def test_changes_visible_to_another_connection(db: AccountDB, tmp_path: Path) -> None:
     other = AccountDB(tmp_path / "accounts.sqlite3")
     assert not other.resolve(addr("new@winview.test")).exists

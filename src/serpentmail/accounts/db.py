@@ -328,6 +328,21 @@ class AccountDB:
                 remote.append(target)
         return Resolution(True, tuple(users.values()), tuple(remote))
 
+    def may_send_as(self, user: User, key: str) -> bool:
+        """Is ``key`` (an :attr:`Address.key`) in :meth:`addresses_of` ``user``?
+
+        The same answer without scanning every alias: the user's own address costs no query;
+        otherwise ``key`` must be an explicit alias (a catch-all never counts) that resolves
+        to ``user``. This runs at every MAIL on submission.
+        """
+        if key == user.address:
+            return True
+        if key.startswith("@") or self._db.execute(
+                "SELECT 1 FROM aliases WHERE address=? LIMIT 1", (key,)).fetchone() is None:
+            return False
+        local, _, domain = key.rpartition("@")
+        return any(u.id == user.id for u in self.resolve(Address(local, domain)).users)
+
     def addresses_of(self, user: User) -> set[str]:
         """Every address that delivers to ``user``: its own and the aliases pointing at it."""
         out = {user.address}

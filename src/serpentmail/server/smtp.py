@@ -11,6 +11,7 @@ Errors have two audiences: a peer gets a generic 451 4.3.0, the log gets the det
 from __future__ import annotations
 
 import asyncio
+import bisect
 import email.utils
 import logging
 import time
@@ -174,16 +175,24 @@ class SMTPSession(EngineSession):
         assert user is not None  # the engine requires AUTH before MAIL here
         if ev.address.is_null:
             return R.NULL_SENDER_REFUSED
-        if ev.address.key not in self.ctx.accounts.addresses_of(user):
+        if not self.ctx.accounts.may_send_as(user, ev.address.key):
             log_event(log, "sender refused", logging.WARNING, user=user.address, sender=str(ev.address), client=self.ip)
             return R.SENDER_NOT_OWNED
         limit = self.ctx.config.limits.submission_max_messages_per_hour
-        now = time.monotonic()
+        if not limit:  # 0 = no limit: nothing is tracked (see _count_sent)
+            return R.SENDER_OK
         counts = self.ctx.sent_per_user.setdefault(user.id, [])
-        counts[:] = [t for t in counts if now - t < 3600]
-        if limit and len(counts) >= limit:
+        # The send times are appended in time.monotonic() order, so the ones older than an
+        # hour are a prefix: drop it without rebuilding the list at each MAIL.
+        del counts[:bisect.bisect_right(counts, time.monotonic() - 3600)]
+        if len(counts) >= limit:
             return R.RATE_LIMITED.with_text(f"You have sent {len(counts)} messages in the last hour; the limit is {limit}")
         return R.SENDER_OK
+
+    def _count_sent(self) -> None:
+        """Record one accepted message for the per-hour submission limit (when it is on)."""
+        if self.user is not None and self.ctx.config.limits.submission_max_messages_per_hour:
+            self.ctx.sent_per_user.setdefault(self.user.id, []).append(time.monotonic())
 
     def _on_rcpt(self, ev: RcptTo) -> Reply:
         addr = ev.address
@@ -361,8 +370,7 @@ class SMTPSession(EngineSession):
             return
         finally:
             self._committing = False
-        if self.user is not None:
-            self.ctx.sent_per_user.setdefault(self.user.id, []).append(time.monotonic())
+        self._count_sent()
         log_event(log, "message", id=qid, **{"from": f"<{sender}>"}, to=",".join(f"<{r}>" for r in txn.rcpts),
                   size=ev.size, status=status, client=self.ip, user=self.user.address if self.user else "-")
         self.txn = _Transaction()
