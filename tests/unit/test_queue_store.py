@@ -116,6 +116,23 @@ def test_envelope_round_trip() -> None:
         EnvelopeRecord.from_json(b'{"version": 99}')
 
 
+def test_envelope_json_is_what_asdict_gave() -> None:
+    """to_dict is written out by hand for speed: it must keep every field, with the keys and
+    values dataclasses.asdict gave (queue files written before still load, byte for byte)."""
+    import dataclasses
+    import json
+
+    from serpentmail.queue.store import RecipientRecord
+
+    rcpt = RecipientRecord("x@y.test", "failed", 3, "550 5.1.1 no", 7.25, 9.5, "mx.y.test", "smtp", True, True)
+    rec = EnvelopeRecord("0123456789ABCDEF", "a@b.test", 1.5, 3, [rcpt, RecipientRecord("z@\u00e9.test")],
+                         True, True, True, 2, extra={"k": [1, {"n": None}]})
+    assert rec.to_dict() == dataclasses.asdict(rec)
+    assert set(rcpt.to_dict()) == {f.name for f in dataclasses.fields(RecipientRecord)}
+    assert rec.to_json() == json.dumps(dataclasses.asdict(rec), ensure_ascii=False, sort_keys=True).encode()
+    assert EnvelopeRecord.from_json(rec.to_json()) == rec
+
+
 def test_remove_many_commits_a_batch_with_one_directory_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import serpentmail.queue.store as store_mod
 
