@@ -8,33 +8,57 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 _FIELDS = "sm_fields"
+_SRC_FILE = __file__
 
 
 def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, /, **fields: Any) -> None:
     if logger.isEnabledFor(level):
-        logger.log(level, event, extra={_FIELDS: fields})
+        # Logger.log without its findCaller stack walk: the caller it found was always this
+        # function (so the record's file and line said nothing), and no formatter prints them.
+        logger.handle(logger.makeRecord(logger.name, level, _SRC_FILE, 0, event, (), None, extra={_FIELDS: fields}))
+
+
+# A value with any of these (or an empty one) is written as a JSON string, so a line splits
+# unambiguously into key=value pairs.
+_NEEDS_QUOTES = re.compile(r'[ "=\n\r\t]').search
 
 
 def _fmt_value(value: Any) -> str:
-    text = str(value)
-    if text == "" or any(c in text for c in ' "=\n\r\t'):
+    text = value if type(value) is str else str(value)
+    if text == "" or _NEEDS_QUOTES(text):
         return json.dumps(text)
     return text
 
 
 class PlainFormatter(logging.Formatter):
+    """``<local time> <level> <logger>: <event> key=value ...``, one line per event (the
+    traceback, if any, follows on the next lines)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # The timestamp has one-second resolution: format it once per second, not per line.
+        self._ts_sec = -1
+        self._ts_text = ""
+
+    def _timestamp(self, created: float) -> str:
+        sec = int(created)
+        if sec != self._ts_sec:
+            self._ts_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(sec))
+            self._ts_sec = sec
+        return self._ts_text
+
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = getattr(record, _FIELDS, {})
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
-        parts = [f"{ts} {record.levelname.lower()} {record.name}: {record.getMessage()}"]
-        parts.extend(f"{k}={_fmt_value(v)}" for k, v in fields.items())
-        line = " ".join(parts)
+        line = f"{self._timestamp(record.created)} {record.levelname.lower()} {record.name}: {record.getMessage()}"
+        if fields:
+            line += " " + " ".join([f"{k}={_fmt_value(v)}" for k, v in fields.items()])
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
