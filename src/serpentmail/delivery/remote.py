@@ -52,6 +52,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import random
 import ssl
 from collections.abc import AsyncGenerator, Hashable, Iterable
@@ -192,19 +193,31 @@ class _Session:
             await asyncio.wait_for(self.writer.wait_closed(), timeout)
 
 
-def _open_and_read(path: Path) -> tuple[Any, bytes]:
+def _open_and_read(path: Path, size_hint: int = CHUNK) -> tuple[Any, bytes]:
     """Open ``path`` and read its first chunk; the file is already closed (None) when that
-    chunk was the whole file, so a small message costs one thread hop, not three."""
-    f = open(path, "rb")  # closed here, or by _read_chunks
+    chunk was the whole file, so a small message costs one thread hop, not three.
+
+    The first read asks for ``size_hint`` + 1 octets (at most :data:`CHUNK`), not a whole
+    chunk: a 1 MiB read buffer cost more than the rest of the read of a small message. A file
+    longer than the hint still comes out whole: the rest follows in CHUNK reads."""
+    want = min(size_hint + 1, CHUNK) if size_hint >= 0 else CHUNK
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    parts: list[bytes] = []
+    got = 0
     try:
-        chunk = f.read(CHUNK)
+        while got < want:
+            piece = os.read(fd, want - got)
+            if not piece:  # end of file: the chunk is the whole message
+                break
+            parts.append(piece)
+            got += len(piece)
+        f = open(fd, "rb", closefd=True) if got == want else None  # closed by _read_chunks
     except BaseException:
-        f.close()
+        os.close(fd)
         raise
-    if len(chunk) < CHUNK:
-        f.close()
-        return None, chunk
-    return f, chunk
+    if f is None:
+        os.close(fd)
+    return f, b"".join(parts)
 
 
 async def _read_chunks(path: Path, size_hint: int = CHUNK) -> AsyncGenerator[bytes, None]:
@@ -213,9 +226,9 @@ async def _read_chunks(path: Path, size_hint: int = CHUNK) -> AsyncGenerator[byt
     one open/read/close of a file just written, so in the page cache; a thread hop would cost
     the event loop more than the read itself (the same rule as POP3's RETR)."""
     if size_hint <= INLINE_READ:
-        f, chunk = _open_and_read(path)
+        f, chunk = _open_and_read(path, size_hint)
     else:
-        f, chunk = await asyncio.to_thread(_open_and_read, path)
+        f, chunk = await asyncio.to_thread(_open_and_read, path, size_hint)
     if f is None:
         if chunk:
             yield chunk
