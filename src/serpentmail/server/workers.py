@@ -128,8 +128,6 @@ def _die_with_parent(parent: int) -> None:
 def _worker_main(cfg: Config, index: int, count: int, prebound: Prebound, notify_fd: int,
                  tls: ssl.SSLContext | None) -> int:
     """The body of a forked worker: the ordinary server on the inherited sockets."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
     install_event_loop_policy()
     server = Server(cfg, worker_index=index, worker_count=count, prebound=prebound, notify_fd=notify_fd,
                     parent_tls=tls, freeze_gc=True)
@@ -167,10 +165,21 @@ class Supervisor:
         for h in logging.getLogger().handlers:
             h.flush()
         parent = os.getpid()
-        pid = os.fork()
+        # Signals are held across fork: the child first replaces the supervisor's handlers it
+        # inherited (which would signal its siblings), and only then takes delivery.
+        held = {signal.SIGTERM, signal.SIGINT}
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+            raise
         if pid == 0:  # the worker
             code = 1
             try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
                 _die_with_parent(parent)
                 # The primary reads notices; the others write them. Close the other end so
                 # the primary sees end-of-file when every writer has gone.
@@ -185,6 +194,7 @@ class Supervisor:
             finally:
                 logging.shutdown()
                 os._exit(code)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
         self.children[pid] = index
         self.started_at[index] = time.monotonic()
 
