@@ -10,8 +10,9 @@ are:
    removes half-made items, which must not race a worker's enqueue).
 2. It binds every listening socket itself (so "address already in use" is one clear error)
    and then drops privileges when ``user`` is set.
-3. It forks N workers. Each runs the ordinary :class:`Server` on the inherited sockets; the
-   kernel hands each new connection to one of the processes waiting in ``accept``.
+3. It forks N workers. Each runs the ordinary :class:`Server` on its own inherited sockets
+   (SO_REUSEPORT, one per worker and endpoint): the kernel hands each new connection to one
+   worker, and only that one wakes.
 4. Worker 1 (the primary) also runs the queue scheduler. The others commit queue items
    exactly as it would and write the item's id to a pipe the primary reads
    (``queue/service.py``: ``QueueForwarder``); the primary also scans the spool every 30 s
@@ -59,17 +60,22 @@ RESTARTS_PER_MINUTE = 5
 EXIT_STARTUP = 3  # a worker's exit status when its Server could not start
 
 
-def bind_listeners(cfg: Config, *, tls: bool) -> tuple[Prebound, list[tuple[str, str]]]:
-    """Bind and listen on every configured endpoint. Returns the sockets and (kind, endpoint)
-    rows for the start-up table. Raises StartupError naming the endpoint that failed."""
-    bound: Prebound = {}
+def bind_listeners(cfg: Config, *, tls: bool, copies: int = 1) -> tuple[list[Prebound], list[tuple[str, str]]]:
+    """Bind and listen on every configured endpoint, ``copies`` times with SO_REUSEPORT: one
+    socket per worker, so the kernel hands each new connection to one worker's socket and only
+    that worker wakes (a single shared socket woke every worker for every connection, and all
+    but one found nothing: measurable CPU at one connection at a time). The parent keeps them
+    all, so a restarted worker takes over its predecessor's socket and its pending
+    connections. Returns one Prebound per worker and (kind, endpoint) rows for the start-up
+    table. Raises StartupError naming the endpoint that failed."""
+    per_worker: list[Prebound] = [{} for _ in range(copies)]
     rows: list[tuple[str, str]] = []
+    opened: list[socket.socket] = []
     try:
         for kind in KINDS:
             if kind in ("submissions", "pop3s") and not tls:
                 continue
             for ep in getattr(cfg, kind).listen:
-                socks = bound.setdefault((kind, ep.host, ep.port), [])
                 try:
                     infos = socket.getaddrinfo(ep.host or None, ep.port, type=socket.SOCK_STREAM,
                                                flags=socket.AI_PASSIVE)
@@ -80,25 +86,27 @@ def bind_listeners(cfg: Config, *, tls: bool) -> tuple[Prebound, list[tuple[str,
                     if (family, addr) in seen:
                         continue
                     seen.add((family, addr))
-                    sock = socket.socket(family, type_, proto)
-                    try:
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                        if family == socket.AF_INET6:
-                            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                        sock.bind(addr)
-                        sock.listen(1024)
-                        sock.setblocking(False)
-                    except OSError as exc:
-                        sock.close()
-                        raise StartupError(f"cannot listen on {ep} ({kind}): {exc.strerror or exc}") from exc
-                    socks.append(sock)
+                    for i in range(copies):
+                        sock = socket.socket(family, type_, proto)
+                        opened.append(sock)
+                        try:
+                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                            if copies > 1:
+                                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                            if family == socket.AF_INET6:
+                                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                            sock.bind(addr)
+                            sock.listen(1024)
+                            sock.setblocking(False)
+                        except OSError as exc:
+                            raise StartupError(f"cannot listen on {ep} ({kind}): {exc.strerror or exc}") from exc
+                        per_worker[i].setdefault((kind, ep.host, ep.port), []).append(sock)
                 rows.append((kind, str(ep)))
     except BaseException:
-        for socks in bound.values():
-            for sock in socks:
-                sock.close()
+        for sock in opened:
+            sock.close()
         raise
-    return bound, rows
+    return per_worker, rows
 
 
 def _recover_queue(cfg: Config) -> None:
@@ -147,7 +155,7 @@ def _worker_main(cfg: Config, index: int, count: int, prebound: Prebound, notify
 class Supervisor:
     """The parent process: forks the workers, restarts one that dies, stops them all."""
 
-    def __init__(self, cfg: Config, count: int, prebound: Prebound, tls: ssl.SSLContext | None) -> None:
+    def __init__(self, cfg: Config, count: int, prebound: list[Prebound], tls: ssl.SSLContext | None) -> None:
         self.cfg = cfg
         self.tls = tls
         self.count = count
@@ -190,7 +198,7 @@ class Supervisor:
                     os.close(self.notify_r)
                     fd = self.notify_w
                     os.set_blocking(fd, False)  # a full pipe drops the notice, never blocks
-                code = _worker_main(self.cfg, index, self.count, self.prebound, fd, self.tls)
+                code = _worker_main(self.cfg, index, self.count, self.prebound[index], fd, self.tls)
             finally:
                 logging.shutdown()
                 os._exit(code)
@@ -264,7 +272,7 @@ def serve_workers(cfg: Config, on_ready: Callable[[list[tuple[str, str]]], None]
     except (OSError, ValueError) as exc:
         raise StartupError(f"cannot load TLS certificate: {exc}") from exc
     _recover_queue(cfg)
-    prebound, rows = bind_listeners(cfg, tls=tls is not None)
+    prebound, rows = bind_listeners(cfg, tls=tls is not None, copies=cfg.workers)
     if on_ready is not None:
         on_ready(rows)
     if cfg.user and os.geteuid() == 0:
