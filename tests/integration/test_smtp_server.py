@@ -25,8 +25,10 @@ BILL = "bill@winview.test"
 
 
 def _spool_files(data_dir: Path) -> list[Path]:
-    """Files in tmp/ (messages being received); tmp/spare/ holds empty files made ahead."""
-    return [p for p in (data_dir / "tmp").iterdir() if p.is_file()]
+    """Messages being received or left by a crash: files with content in tmp/ or tmp/spare/
+    (the spool files, made empty ahead of need, are written where they are)."""
+    return [p for d in (data_dir / "tmp", data_dir / "tmp" / "spare") if d.exists()
+            for p in d.iterdir() if p.is_file() and p.stat().st_size > 0]
 
 
 def cfg_for(tmp_path: Path, **limits: object) -> Config:

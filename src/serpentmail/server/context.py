@@ -108,10 +108,11 @@ class ServerContext:
             self.throttle = AuthThrottle(lim.auth_max_failures, lim.auth_failure_window, lim.auth_cooldown)
         self._tmp_dir = self.config.data_dir / "tmp"  # built once: path joins showed in the profile
         self._tmp_dir.mkdir(parents=True, exist_ok=True)
-        # Spool files made ahead, off the event loop, in tmp/spare/; renamed into tmp/ when a
-        # message starts, so tmp/ holds only messages being received. Both are emptied at start.
+        # Spool files made ahead, off the event loop, in tmp/spare/, and used where they are
+        # (named when taken; renaming each into tmp/ cost ~0.25 ms of event-loop time per
+        # message in the inbound profile). Both directories are emptied at start.
         (self._tmp_dir / "spare").mkdir(exist_ok=True)
-        self.spools = SpoolPool(self._tmp_dir / "spare", hand_out_in=self._tmp_dir)
+        self.spools = SpoolPool(self._tmp_dir / "spare")
 
     @property
     def tmp_dir(self) -> Path:

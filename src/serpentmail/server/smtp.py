@@ -57,6 +57,7 @@ class _Transaction:
     rcpts: list[str] = field(default_factory=list)
     spool: SpoolFile | None = None
     trace_len: int = 0
+    prefix: bytes = b""  # trace fields not yet written (they go out with the first chunk)
     queued: bool = False
     write_error: OSError | None = None
     # Submission: the client's first octets are held until its header section is complete,
@@ -279,7 +280,8 @@ class SMTPSession(EngineSession):
             txn.spool = self.ctx.spools.take()
             trace = self._trace_headers(txn.queued)
             txn.trace_len = len(trace)
-            txn.spool.write(trace)
+            # Written with the first chunk: one write() for a small message instead of two.
+            txn.prefix = trace
         except OSError as exc:
             txn.write_error = exc
         if self.kind != "smtp":
@@ -298,6 +300,8 @@ class SMTPSession(EngineSession):
             self._release_hold(names)
             return
         try:
+            if txn.prefix:
+                data, txn.prefix = txn.prefix + data, b""
             txn.spool.write(data)
         except OSError as exc:
             txn.write_error = exc
@@ -313,7 +317,8 @@ class SMTPSession(EngineSession):
             extra = _missing_submission_headers(names, self.ctx.config.hostname)
             txn.headers_added = True
         try:
-            txn.spool.write(extra + held)
+            txn.spool.write(txn.prefix + extra + held)
+            txn.prefix = b""
         except OSError as exc:
             txn.write_error = exc
 
@@ -330,6 +335,12 @@ class SMTPSession(EngineSession):
         if txn.hold is not None:
             self._release_hold(ev.header_names)
         spool = txn.spool
+        if spool is not None and txn.prefix and txn.write_error is None:  # a message with no body
+            try:
+                spool.write(txn.prefix)
+                txn.prefix = b""
+            except OSError as exc:
+                txn.write_error = exc
         if spool is None or txn.write_error is not None:
             log.error("spool write failed client=%s: %s", self.ip, txn.write_error)
             self._discard()
