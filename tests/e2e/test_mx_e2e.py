@@ -370,26 +370,35 @@ def world_readable_dir() -> Iterator[Path]:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
-def test_root_drops_privileges_after_binding(world_readable_dir: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_root_drops_privileges_after_binding(world_readable_dir: Path, workers: int) -> None:
     import pwd
 
     nobody = pwd.getpwnam("nobody")
-    s = Served(world_readable_dir, extra='user = "nobody"\n')
+    s = Served(world_readable_dir, extra=f'user = "nobody"\nworkers = {workers}\n')
     setup_accounts(s)
     s.start()
     try:
         assert s.proc is not None
         # the port accepts as soon as it is bound; privileges drop right after, before serving
-        with smtplib.SMTP(s.host, s.port, timeout=20) as c:
-            assert c.sendmail("a@b.test", ["bill@winview.test"], b"Subject: as nobody\r\n\r\nok\r\n") == {}
-        status = Path(f"/proc/{s.proc.pid}/status").read_text()
-        uids = re.search(r"^Uid:\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", status, re.M)
-        assert uids and {int(u) for u in uids.groups()} == {nobody.pw_uid}, status
+        for _ in range(6):  # several connections: with workers, more than one process serves
+            with smtplib.SMTP(s.host, s.port, timeout=20) as c:
+                assert c.sendmail("a@b.test", ["bill@winview.test"], b"Subject: as nobody\r\n\r\nok\r\n") == {}
+        pids = [s.proc.pid]
+        for task in Path(f"/proc/{s.proc.pid}/task").iterdir():
+            pids += [int(c) for c in (task / "children").read_text().split()]
+        assert len(pids) == (1 if workers == 1 else 1 + workers)
+        for pid in pids:
+            status = Path(f"/proc/{pid}/status").read_text()
+            uids = re.search(r"^Uid:\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", status, re.M)
+            assert uids and {int(u) for u in uids.groups()} == {nobody.pw_uid}, status
     finally:
         rc = s.stop()
-    assert rc == 0, s.output.decode()
+    out = s.output.decode()
+    assert rc == 0, out
+    assert "Traceback" not in out and "failed" not in out, out
     files = s.mailbox("bill@winview.test")
-    assert len(files) == 1 and files[0].stat().st_uid == nobody.pw_uid
+    assert len(files) == 6 and all(f.stat().st_uid == nobody.pw_uid for f in files)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")

@@ -31,6 +31,7 @@ limits before it is refused (docs/operations.md says so).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -123,8 +124,6 @@ def _die_with_parent(parent: int) -> None:
     """Linux: SIGTERM this worker when the supervisor dies, even by SIGKILL (prctl
     PR_SET_PDEATHSIG), so no worker is left serving without a parent to restart or stop it."""
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -135,8 +134,8 @@ def _die_with_parent(parent: int) -> None:
 
 def _worker_main(cfg: Config, index: int, count: int, prebound: Prebound, notify_fd: int,
                  tls: ssl.SSLContext | None) -> int:
-    """The body of a forked worker: the ordinary server on the inherited sockets."""
-    install_event_loop_policy()
+    """The body of a forked worker: the ordinary server on the inherited sockets (the event
+    loop policy, uvloop where available, was installed by the parent)."""
     server = Server(cfg, worker_index=index, worker_count=count, prebound=prebound, notify_fd=notify_fd,
                     parent_tls=tls, freeze_gc=True)
     try:
@@ -199,6 +198,9 @@ class Supervisor:
                     fd = self.notify_w
                     os.set_blocking(fd, False)  # a full pipe drops the notice, never blocks
                 code = _worker_main(self.cfg, index, self.count, self.prebound[index], fd, self.tls)
+            except BaseException:  # before its server could run: the whole start fails
+                log.exception("worker %d failed to start", index + 1)
+                code = EXIT_STARTUP
             finally:
                 logging.shutdown()
                 os._exit(code)
@@ -275,6 +277,9 @@ def serve_workers(cfg: Config, on_ready: Callable[[list[tuple[str, str]]], None]
     prebound, rows = bind_listeners(cfg, tls=tls is not None, copies=cfg.workers)
     if on_ready is not None:
         on_ready(rows)
+    # Imports the workers need, done here while the installed code is surely readable (after
+    # the privilege drop it may not be): uvloop's policy is inherited through fork.
+    install_event_loop_policy()
     if cfg.user and os.geteuid() == 0:
         _preload_modules()
         _drop_privileges(cfg.user, cfg)
