@@ -173,6 +173,8 @@ class Serpent:
         return self.maildir / "new"
 
     def start(self) -> None:
+        logfile = self.root / "serpentmail.log"
+        offset = logfile.stat().st_size if logfile.exists() else 0  # the log is appended to
         log = open(self.root / "serve.out", "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "serpentmail", "-c", str(self.conf), "serve"],
                                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -181,9 +183,41 @@ class Serpent:
             wait_port(self.ip, self.smtp_port)
             if self.pop3_port:
                 wait_port(self.ip, self.pop3_port, timeout=5)
+            self._wait_started(offset)
         except Unavailable:
             self.stop()
             raise
+
+    def _wait_started(self, offset: int, timeout: float = 30.0) -> None:
+        """Until every server process has logged "started" (after ``offset`` in the log): with
+        workers, the parent binds the ports before the workers exist, and a measurement taken
+        then (memory) would count their start-up as the connections' cost."""
+        logfile = self.root / "serpentmail.log"
+        expect = self.processes()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with open(logfile, "rb") as f:
+                    f.seek(offset)
+                    text = f.read().decode(errors="replace")
+            except OSError:
+                text = ""
+            if text.count("serpentmail.server: started") >= expect:
+                time.sleep(0.3)
+                return
+            if self.proc is not None and self.proc.poll() is not None:
+                raise Unavailable(f"serpentmail exited with status {self.proc.returncode}")
+            time.sleep(0.05)
+        raise Unavailable("serpentmail did not report started in time")
+
+    def processes(self) -> int:
+        """Server processes that serve connections: ``workers`` ("auto": one per CPU)."""
+        if self.workers == "auto":
+            try:
+                return len(os.sched_getaffinity(0))
+            except (AttributeError, OSError):
+                return os.cpu_count() or 1
+        return int(self.workers)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
