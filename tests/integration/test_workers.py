@@ -30,7 +30,7 @@ REMOTE = "127.0.15.2"
 
 
 def _conf(tmp_path: Path, *, workers: int, relay: tuple[str, int] | None = None,
-          smtp_port: int | None = None) -> tuple[Path, dict[str, int]]:
+          smtp_port: int | None = None, limits: str = "") -> tuple[Path, dict[str, int]]:
     ports = {"smtp": smtp_port or free_port(HOST), "submission": free_port(HOST), "pop3": free_port(HOST)}
     text = f"""hostname = "mx.w.test"
 data_dir = "{tmp_path / 'data'}"
@@ -47,6 +47,9 @@ listen = ["{HOST}:{ports['pop3']}"]
 listen = []
 [log]
 file = "{tmp_path / 'serve.log'}"
+[limits]
+auth_failure_delay = "0.05s"
+{limits}
 """
     if relay:
         text += f'[delivery]\nrelay = "{relay[0]}:{relay[1]}"\nrelay_tls = "none"\n'
@@ -199,3 +202,51 @@ def test_workers_do_not_outlive_a_killed_supervisor(tmp_path: Path) -> None:
         proc.wait()
         _wait(lambda: not any(Path(f"/proc/{k}").exists() for k in kids), timeout=30)
         assert not _port_open(ports["smtp"])
+
+
+def _auth_plain(c: smtplib.SMTP, user: str, password: str) -> int:
+    """One AUTH PLAIN attempt (smtplib's login() would go on with other mechanisms)."""
+    c.ehlo()
+    c.user, c.password = user, password
+    try:
+        return c.auth("PLAIN", c.auth_plain)[0]
+    except smtplib.SMTPAuthenticationError as exc:
+        return exc.smtp_code
+
+
+def test_limits_count_for_the_whole_server_not_per_worker(tmp_path: Path) -> None:
+    """Connections per IP and failed logins are shared between the workers (server/peers.py):
+    whichever process takes the next connection, the client meets the same limits."""
+    conf, ports = _conf(tmp_path, workers=2, limits="max_connections_per_ip = 4\nauth_max_failures = 3")
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with serve(conf, ports, 2):
+        # serve() probed the port until the workers existed; those probe connections count
+        # (from this same address) until the workers have seen them close.
+        _wait(lambda: "worker=1/2" in (tmp_path / "serve.log").read_text()
+              and "worker=2/2" in (tmp_path / "serve.log").read_text())
+        time.sleep(1.0)
+        held = [socket.create_connection((HOST, ports["smtp"]), timeout=10) for _ in range(4)]
+        try:
+            for s in held:
+                assert s.recv(512).startswith(b"220")
+            time.sleep(0.3)
+            for _ in range(6):  # the kernel spreads these over both workers: each refuses
+                with socket.create_connection((HOST, ports["smtp"]), timeout=10) as extra:
+                    assert extra.recv(512).startswith(b"421 4.7.0 Too many connections from your address")
+        finally:
+            for s in held:
+                s.close()
+        time.sleep(0.3)
+        with smtplib.SMTP(HOST, ports["smtp"], timeout=10) as c:  # released everywhere
+            assert c.noop()[0] == 250
+        for _ in range(3):
+            with smtplib.SMTP(HOST, ports["submission"], timeout=10) as c:
+                c.starttls(context=ctx)
+                assert _auth_plain(c, "bill@w.test", "wrong") == 535
+        time.sleep(0.3)
+        for _ in range(6):  # over the threshold on whichever worker: refused, even the right password
+            with smtplib.SMTP(HOST, ports["submission"], timeout=10) as c:
+                c.starttls(context=ctx)
+                assert _auth_plain(c, "bill@w.test", "billpw") == 454

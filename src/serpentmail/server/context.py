@@ -14,7 +14,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..accounts.db import AccountDB, User, verify_password
 from ..config import Config
@@ -28,6 +28,9 @@ from ..storage.maildir import (
     ensure_maildir,
     maildir_for,
 )
+
+if TYPE_CHECKING:
+    from .peers import PeerLink
 
 log = logging.getLogger("serpentmail.server")
 
@@ -100,6 +103,8 @@ class ServerContext:
     on_local_delivery: Callable[[list[Path]], None] | None = None
     sessions: set[Any] = field(default_factory=set)
     sent_per_user: dict[int, list[float]] = field(default_factory=dict)
+    # With workers: the other processes' share of the limits (server/peers.py).
+    peers: PeerLink | None = None
     _known_maildirs: dict[int, Path] = field(default_factory=dict)  # user id -> ensured maildir
 
     def __post_init__(self) -> None:
@@ -132,12 +137,22 @@ class ServerContext:
         ensure_maildir(path)
         return path
 
+    def total_connections(self) -> int:
+        """Connections the whole server holds (with workers: every process's)."""
+        return self.connections + (self.peers.connections() if self.peers is not None else 0)
+
     def admit(self, ip: str) -> bool:
         lim = self.config.limits
-        if self.connections >= lim.max_connections or self.per_ip[ip] >= lim.max_connections_per_ip:
+        total, from_ip = self.total_connections(), self.per_ip.get(ip, 0)
+        peers = self.peers
+        if peers is not None:  # the whole server's connections, not this process's
+            from_ip += peers.connections_from(ip)
+        if total >= lim.max_connections or from_ip >= lim.max_connections_per_ip:
             return False
         self.connections += 1
         self.per_ip[ip] += 1
+        if peers is not None:
+            peers.send("c+", ip)
         return True
 
     def release(self, ip: str) -> None:
@@ -147,6 +162,8 @@ class ServerContext:
             self.per_ip.pop(ip, None)
         else:
             self.per_ip[ip] = n
+        if self.peers is not None:
+            self.peers.send("c-", ip)
 
     async def commit(self, job_spool: SpoolFile, links: list[Path], *, keep_spool: bool = False) -> None:
         """Run the durable recipe for ``job_spool`` in the committer; raise on failure."""
@@ -160,9 +177,13 @@ class ServerContext:
         ok = await asyncio.get_running_loop().run_in_executor(None, verify_password, stored, password)
         if ok and user is not None:
             throttle.record_success(ip, username)
+            if self.peers is not None:
+                self.peers.send("S", ip, username)
             log_event(log, "auth ok", service=service, user=user.address, client=ip)
             return user
         throttle.record_failure(ip, username)
+        if self.peers is not None:
+            self.peers.send("F", ip, username)
         # fail2ban-friendly: fixed words, the client address in a fixed field.
         log_event(log, "auth failed", logging.WARNING, service=service, user=username[:64], client=ip)
         await asyncio.sleep(self.config.limits.auth_failure_delay)

@@ -25,6 +25,7 @@ from ..log import log_event
 from ..proto import replies as R
 from ..storage.maildir import Committer, clean_tmp
 from .context import ServerContext
+from .peers import PeerLink
 from .smtp import SMTPSession
 from .tls import server_context
 
@@ -96,6 +97,7 @@ class Server:
     notify_fd: int | None = None
     parent_tls: ssl.SSLContext | None = None  # loaded by the parent, before dropping privileges
     freeze_gc: bool = False  # `serve` (a process of its own): gc.freeze() once started
+    peers: PeerLink | None = None  # workers: the limits' counters shared with the others
     _stoppers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def start(self, on_bound: Callable[[Server], None] | None = None) -> None:
@@ -114,6 +116,8 @@ class Server:
             except (OSError, ValueError) as exc:
                 raise StartupError(f"cannot load TLS certificate: {exc}") from exc
         self.ctx = ServerContext(cfg, accounts, Committer(), tls)
+        if self.peers is not None:
+            self.peers.start(self.ctx)
         try:
             for kind in ("smtp", "submission", "submissions"):
                 eps = getattr(cfg, kind).listen
@@ -174,6 +178,8 @@ class Server:
                     await asyncio.wait_for(srv.wait_closed(), 1)
                 except (TimeoutError, Exception):
                     pass
+        if self.peers is not None:
+            self.peers.stop()
         if ctx is not None:
             ctx.spools.close()
             await asyncio.get_running_loop().run_in_executor(None, ctx.committer.close)

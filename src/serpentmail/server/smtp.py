@@ -103,7 +103,7 @@ class SMTPSession(EngineSession):
         return self.engine
 
     def refusal(self) -> bytes:
-        total = self.ctx.connections >= self.ctx.config.limits.max_connections
+        total = self.ctx.total_connections() >= self.ctx.config.limits.max_connections
         return (R.TOO_MANY_CONNECTIONS if total else R.TOO_MANY_CONNECTIONS_IP).to_bytes()
 
     def on_internal_error(self) -> None:
@@ -194,6 +194,8 @@ class SMTPSession(EngineSession):
         """Record one accepted message for the per-hour submission limit (when it is on)."""
         if self.user is not None and self.ctx.config.limits.submission_max_messages_per_hour:
             self.ctx.sent_per_user.setdefault(self.user.id, []).append(time.monotonic())
+            if self.ctx.peers is not None:  # workers: the limit is the user's, not a process's
+                self.ctx.peers.send("M", self.user.id)
 
     def _on_rcpt(self, ev: RcptTo) -> Reply:
         addr = ev.address

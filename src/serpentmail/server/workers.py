@@ -22,10 +22,10 @@ are:
    five times a minute, then the whole server stops with an error).
 
 Shared by construction: mailboxes, the queue spool, the accounts database and POP3's
-maildrop locks (``flock``, per open file, so they hold across processes). Counted per
-worker process, by design: the connection limits, the failed-login throttle and the
-per-user hourly sending limit; with N workers a client may reach up to N times those
-limits before it is refused (docs/operations.md says so).
+maildrop locks (``flock``, per open file, so they hold across processes). Shared through
+pipes between the workers (server/peers.py): the connection counts behind the connection
+limits, the failed-login throttle and each user's messages of the last hour, so a client
+meets the same limits whichever process serves it.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from collections.abc import Callable
 
 from ..config import Config
 from ..log import log_event
+from .peers import PeerLink, link_for, make_inboxes
 from .run import (
     Prebound,
     Server,
@@ -133,11 +134,11 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _worker_main(cfg: Config, index: int, count: int, prebound: Prebound, notify_fd: int,
-                 tls: ssl.SSLContext | None) -> int:
+                 tls: ssl.SSLContext | None, peers: PeerLink) -> int:
     """The body of a forked worker: the ordinary server on the inherited sockets (the event
     loop policy, uvloop where available, was installed by the parent)."""
     server = Server(cfg, worker_index=index, worker_count=count, prebound=prebound, notify_fd=notify_fd,
-                    parent_tls=tls, freeze_gc=True)
+                    parent_tls=tls, freeze_gc=True, peers=peers)
     try:
         asyncio.run(server.run_until_signal())
     except StartupError as exc:
@@ -165,6 +166,7 @@ class Supervisor:
         self.stopping = False
         self.failure: str | None = None
         self.notify_r, self.notify_w = os.pipe()
+        self.inboxes = make_inboxes(count)  # the limits' shared counters (server/peers.py)
 
     def _spawn(self, index: int) -> None:
         for stream in (sys.stdout, sys.stderr):
@@ -197,7 +199,8 @@ class Supervisor:
                     os.close(self.notify_r)
                     fd = self.notify_w
                     os.set_blocking(fd, False)  # a full pipe drops the notice, never blocks
-                code = _worker_main(self.cfg, index, self.count, self.prebound[index], fd, self.tls)
+                peers = link_for(index, self.inboxes)
+                code = _worker_main(self.cfg, index, self.count, self.prebound[index], fd, self.tls, peers)
             except BaseException:  # before its server could run: the whole start fails
                 log.exception("worker %d failed to start", index + 1)
                 code = EXIT_STARTUP
@@ -238,7 +241,7 @@ class Supervisor:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-            for fd in (self.notify_r, self.notify_w):
+            for fd in (self.notify_r, self.notify_w, *(end for pair in self.inboxes for end in pair)):
                 try:
                     os.close(fd)
                 except OSError:
