@@ -139,20 +139,21 @@ class ServerContext:
 
     def total_connections(self) -> int:
         """Connections the whole server holds (with workers: every process's)."""
-        return self.connections + (self.peers.connections() if self.peers is not None else 0)
+        return self.peers.connections() if self.peers is not None else self.connections
 
     def admit(self, ip: str) -> bool:
         lim = self.config.limits
-        total, from_ip = self.total_connections(), self.per_ip.get(ip, 0)
         peers = self.peers
-        if peers is not None:  # the whole server's connections, not this process's
-            from_ip += peers.connections_from(ip)
+        if peers is None:
+            total, from_ip = self.connections, self.per_ip.get(ip, 0)
+        else:  # the whole server's connections, not this process's
+            total, from_ip = peers.connections(), peers.connections_from(ip)
         if total >= lim.max_connections or from_ip >= lim.max_connections_per_ip:
             return False
         self.connections += 1
         self.per_ip[ip] += 1
         if peers is not None:
-            peers.send("c+", ip)
+            peers.connection_opened(ip)
         return True
 
     def release(self, ip: str) -> None:
@@ -163,7 +164,7 @@ class ServerContext:
         else:
             self.per_ip[ip] = n
         if self.peers is not None:
-            self.peers.send("c-", ip)
+            self.peers.connection_closed(ip)
 
     async def commit(self, job_spool: SpoolFile, links: list[Path], *, keep_spool: bool = False) -> None:
         """Run the durable recipe for ``job_spool`` in the committer; raise on failure."""

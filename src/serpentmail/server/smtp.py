@@ -195,7 +195,7 @@ class SMTPSession(EngineSession):
         if self.user is not None and self.ctx.config.limits.submission_max_messages_per_hour:
             self.ctx.sent_per_user.setdefault(self.user.id, []).append(time.monotonic())
             if self.ctx.peers is not None:  # workers: the limit is the user's, not a process's
-                self.ctx.peers.send("M", self.user.id)
+                self.ctx.peers.message_sent(self.user.id)
 
     def _on_rcpt(self, ev: RcptTo) -> Reply:
         addr = ev.address

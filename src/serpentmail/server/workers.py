@@ -23,9 +23,9 @@ are:
 
 Shared by construction: mailboxes, the queue spool, the accounts database and POP3's
 maildrop locks (``flock``, per open file, so they hold across processes). Shared through
-pipes between the workers (server/peers.py): the connection counts behind the connection
-limits, the failed-login throttle and each user's messages of the last hour, so a client
-meets the same limits whichever process serves it.
+shared memory and pipes between the workers (server/peers.py): the connection counts behind
+the connection limits, the failed-login throttle and each user's messages of the last hour,
+so a client meets the same limits whichever process serves it.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from collections.abc import Callable
 
 from ..config import Config
 from ..log import log_event
-from .peers import PeerLink, link_for, make_inboxes
+from .peers import ConnectionTable, PeerLink, link_for, make_inboxes
 from .run import (
     Prebound,
     Server,
@@ -166,7 +166,10 @@ class Supervisor:
         self.stopping = False
         self.failure: str | None = None
         self.notify_r, self.notify_w = os.pipe()
-        self.inboxes = make_inboxes(count)  # the limits' shared counters (server/peers.py)
+        # The limits' shared counters (server/peers.py): a connection table in shared memory
+        # and an event pipe per worker, made before forking so every worker inherits them.
+        self.table = ConnectionTable(count)
+        self.inboxes = make_inboxes(count)
 
     def _spawn(self, index: int) -> None:
         for stream in (sys.stdout, sys.stderr):
@@ -199,7 +202,7 @@ class Supervisor:
                     os.close(self.notify_r)
                     fd = self.notify_w
                     os.set_blocking(fd, False)  # a full pipe drops the notice, never blocks
-                peers = link_for(index, self.inboxes)
+                peers = link_for(index, self.table, self.inboxes)
                 code = _worker_main(self.cfg, index, self.count, self.prebound[index], fd, self.tls, peers)
             except BaseException:  # before its server could run: the whole start fails
                 log.exception("worker %d failed to start", index + 1)
@@ -234,6 +237,7 @@ class Supervisor:
                 index = self.children.pop(pid, None)
                 if index is None:
                     continue
+                self.table.clear_row(index)  # its connections died with it
                 code = os.waitstatus_to_exitcode(status)
                 if self.stopping:
                     continue
