@@ -238,9 +238,12 @@ def test_limits_count_for_the_whole_server_not_per_worker(tmp_path: Path) -> Non
         finally:
             for s in held:
                 s.close()
-        time.sleep(0.3)
-        with smtplib.SMTP(HOST, ports["smtp"], timeout=10) as c:  # released everywhere
-            assert c.noop()[0] == 250
+
+        def greeted() -> bool:  # released everywhere once the workers have seen them close
+            with socket.create_connection((HOST, ports["smtp"]), timeout=10) as again:
+                return again.recv(512).startswith(b"220")
+
+        _wait(greeted)
         for _ in range(3):
             with smtplib.SMTP(HOST, ports["submission"], timeout=10) as c:
                 c.starttls(context=ctx)
