@@ -8,8 +8,8 @@ PY=${PYTHON:-python3}
 # Real mail clients from Debian for the end-to-end tests (skipped with a message if apt
 # cannot install them, e.g. without root).
 need=""
-for tool in swaks msmtp fetchmail mpop; do
-    command -v "$tool" >/dev/null 2>&1 || need="$need $tool"
+for pair in swaks:swaks msmtp:msmtp fetchmail:fetchmail mpop:mpop getmail:getmail6; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || need="$need ${pair#*:}"   # command:package
 done
 if [ -n "$need" ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

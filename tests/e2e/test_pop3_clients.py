@@ -1,7 +1,7 @@
-"""Real POP3 clients from Debian (mpop, fetchmail) and the ``serpentmail fetch`` command
-download mail that arrived over SMTP, byte-identical.
+"""Real POP3 clients from Debian (mpop, fetchmail, getmail6) and the ``serpentmail fetch``
+command download mail that arrived over SMTP, byte-identical.
 
-mpop and fetchmail hand messages to Unix tools, so they turn the wire's CRLF line ends into
+mpop, fetchmail and getmail hand messages to Unix tools, so they turn the wire's CRLF line ends into
 LF (their documented behaviour); apart from that the bytes must be exactly what was stored —
 in particular every dot-stuffed line must come back unstuffed. ``serpentmail fetch`` keeps
 CRLF, so its files must equal the stored files exactly.
@@ -140,3 +140,31 @@ def test_serpentmail_fetch_command(tmp_path: Path) -> None:
         assert _server_messages(cfg) == 0
         bad = subprocess.run([*base], input="wrong\n", capture_output=True, text=True, timeout=60)
         assert bad.returncode != 0 and "[AUTH]" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_getmail6_downloads_identical_then_deletes(tmp_path: Path, tls: bool) -> None:
+    getmail = _need("getmail")
+    cfg = _setup(tmp_path, "127.0.3.25" if tls else "127.0.3.26")
+    with running_server(cfg) as srv:
+        stored = _send(srv)
+        host, port = srv.endpoint("pop3s" if tls else "pop3")
+        got = tmp_path / "fetched.eml"
+        rc = tmp_path / "getmailrc"
+        # getmail refuses to write a Maildir as root; an external MDA may run as root when
+        # allowed, and it receives the message as getmail hands it to any delivery.
+        rc.write_text(
+            "[retriever]\n"
+            f"type = {'SimplePOP3SSLRetriever' if tls else 'SimplePOP3Retriever'}\n"
+            f"server = {host}\nport = {port}\nusername = {BILL}\npassword = bill-pw\n"
+            "[destination]\ntype = MDA_external\npath = /bin/sh\n"
+            f'arguments = ("-c", "cat > {got}")\n'
+            f"allow_root_commands = {os.geteuid() == 0}\n"
+            "[options]\nread_all = true\ndelete = true\nverbose = 0\n"
+            "delivered_to = false\nreceived = false\nmessage_log_syslog = false\n")
+        gdir = tmp_path / "getmail-state"
+        gdir.mkdir()
+        _run([getmail, "--getmaildir", str(gdir), "--rcfile", str(rc)],
+             env={"HOME": str(tmp_path), "PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+        assert got.read_bytes().replace(b"\r\n", b"\n") == stored.replace(b"\r\n", b"\n")
+        assert _server_messages(cfg) == 0  # deleted on the server after the download
