@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from serpentmail.accounts.db import AccountDB
-from serpentmail.config import Config
+from serpentmail.config import Config, Endpoint
 from serpentmail.server.pop3 import start_pop3_listeners
 from serpentmail.storage.maildir import deliver_bytes, maildir_for
 from tests.helpers import (
@@ -303,11 +303,10 @@ def test_plaintext_login_refused_before_tls_off_loopback(tmp_path: Path) -> None
     """A listener that treats the peer as non-local (as a real remote client would be)."""
     cfg = _cfg(tmp_path, "127.0.3.12")
     with running_server(cfg) as srv:
-        ctx = srv.server.ctx
-        assert ctx is not None
         port = free_port("127.0.3.12")
         fut = asyncio.run_coroutine_threadsafe(
-            start_pop3_listeners(ctx, [("127.0.3.12", port)], implicit_tls=False, plaintext_on_loopback=False), srv.loop)
+            start_pop3_listeners(srv.server, "pop3", [Endpoint("127.0.3.12", port)], implicit_tls=False,
+                                 plaintext_on_loopback=False), srv.loop)
         servers = fut.result(10)
         try:
             p = poplib.POP3("127.0.3.12", port, timeout=10)

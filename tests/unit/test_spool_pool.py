@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
 from serpentmail.storage.maildir import SpoolFile, SpoolPool
 
 
-def test_spares_are_made_in_a_thread_and_renamed_into_place_when_taken(tmp_path: Path) -> None:
-    spare_dir, live = tmp_path / "spare", tmp_path
+def test_spares_are_made_in_a_thread_and_named_when_taken(tmp_path: Path) -> None:
+    spare_dir = tmp_path / "spare"
     spare_dir.mkdir()
     made_in: set[str] = set()
 
@@ -19,11 +20,15 @@ def test_spares_are_made_in_a_thread_and_renamed_into_place_when_taken(tmp_path:
             made_in.add(threading.current_thread().name)
             return super().make(n)
 
-    pool = Watching(spare_dir, 4, hand_out_in=live)
+    pool = Watching(spare_dir, 4)
+
+    taken_at = 0.0
 
     async def go() -> list[SpoolFile]:
+        nonlocal taken_at
         first = pool.take()  # the pool is empty: made inline, and a refill starts
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # the spares are made (and first named) now
+        taken_at = time.time()
         return [first, *(pool.take() for _ in range(3))]
 
     spools = asyncio.run(go())
@@ -31,14 +36,18 @@ def test_spares_are_made_in_a_thread_and_renamed_into_place_when_taken(tmp_path:
     names = [s.name for s in spools]
     assert len(set(names)) == 4
     for s in spools:
-        assert s.path.parent == live and s.path.name == s.name and s.path.exists()
+        assert s.path.parent == spare_dir and s.path.exists()  # written where it was made
         s.write(b"x")
         assert s.size == 1
-    # named when taken, so Maildir unique names follow the order messages arrive in
+    # named when taken, so Maildir unique names carry the time the message began and follow
+    # the order messages arrive in
+    for n in names[1:]:
+        sec, _, rest = n.partition(".M")
+        assert int(sec) + int(rest.split("P")[0]) / 1e6 >= taken_at - 0.001
     assert names[1:] == sorted(names[1:], key=lambda n: int(n.split("Q")[1].split(".")[0]))
     for s in spools:
         s.discard()
     left = len(list(spare_dir.iterdir()))
     assert left == len(pool) > 0
     pool.close()
-    assert list(spare_dir.iterdir()) == [] and [p for p in live.iterdir() if p.is_file()] == []
+    assert list(spare_dir.iterdir()) == []

@@ -164,7 +164,7 @@ class Scheduler:
             rec = self.store.load(qid)  # a few hundred bytes, just written: read inline
         except (OSError, ValueError):
             return False
-        if rec is None or not self.store.exists(qid):
+        if rec is None or not self.store.data_path(qid).exists():  # the envelope was just read
             return False
         self._index_record(rec, force=True)
         return True

@@ -412,25 +412,11 @@ def _open_and_read(mailbox: Mailbox, index: int) -> tuple[BinaryIO, bytes]:
         raise
 
 
-async def start_pop3_listeners(ctx: ServerContext, endpoints: list[tuple[str, int]], *, implicit_tls: bool,
+async def start_pop3_listeners(server: Server, kind: str, endpoints: Sequence[Endpoint], *, implicit_tls: bool,
                                plaintext_on_loopback: bool = True) -> list[asyncio.base_events.Server]:
-    loop = asyncio.get_running_loop()
-    servers = []
-    ssl_ctx = ctx.tls if implicit_tls else None
-    for host, port in endpoints:
-        srv = await loop.create_server(
-            lambda: POP3Session(ctx, implicit_tls=implicit_tls, plaintext_on_loopback=plaintext_on_loopback),
-            host, port, ssl=ssl_ctx, reuse_address=True, backlog=1024,
-            ssl_handshake_timeout=30 if ssl_ctx else None)
-        servers.append(srv)
-    return servers
-
-
-async def _listen(server: Server, kind: str, endpoints: Sequence[Endpoint], *,
-                  implicit_tls: bool) -> list[asyncio.base_events.Server]:
     ctx = server.ctx
     assert ctx is not None
-    factory = functools.partial(POP3Session, ctx, implicit_tls=implicit_tls)
+    factory = functools.partial(POP3Session, ctx, implicit_tls=implicit_tls, plaintext_on_loopback=plaintext_on_loopback)
     return await open_listeners(server, kind, endpoints, factory, ctx.tls if implicit_tls else None)
 
 
@@ -440,13 +426,13 @@ async def _start(server: Server) -> list[asyncio.base_events.Server]:
     cfg = server.config
     servers: list[asyncio.base_events.Server] = []
     if cfg.pop3.listen:
-        servers += await _listen(server, "pop3", cfg.pop3.listen, implicit_tls=False)
+        servers += await start_pop3_listeners(server, "pop3", cfg.pop3.listen, implicit_tls=False)
         server.bound.extend(("pop3", e) for e in cfg.pop3.listen)
     if cfg.pop3s.listen:
         if ctx.tls is None:
             log_event(log, "pop3s disabled: no TLS certificate", logging.WARNING)
         else:
-            servers += await _listen(server, "pop3s", cfg.pop3s.listen, implicit_tls=True)
+            servers += await start_pop3_listeners(server, "pop3s", cfg.pop3s.listen, implicit_tls=True)
             server.bound.extend(("pop3s", e) for e in cfg.pop3s.listen)
     return servers
 

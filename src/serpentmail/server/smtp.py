@@ -459,15 +459,3 @@ def _splice(old: SpoolFile, new: SpoolFile, at: int, extra: bytes) -> None:
         new.write(extra)
         while chunk := src.read(1024 * 1024):
             new.write(chunk)
-
-
-async def start_smtp_listeners(ctx: ServerContext, kind: Kind, endpoints: list[tuple[str, int]]) -> list[asyncio.base_events.Server]:
-    loop = asyncio.get_running_loop()
-    servers = []
-    for host, port in endpoints:
-        ssl_ctx = ctx.tls if kind == "submissions" else None
-        srv = await loop.create_server(lambda: SMTPSession(ctx, kind), host, port, ssl=ssl_ctx,
-                                       reuse_address=True, backlog=1024, ssl_handshake_timeout=30 if ssl_ctx else None)
-        servers.append(srv)
-    return servers
-

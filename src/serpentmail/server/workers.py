@@ -161,7 +161,6 @@ class Supervisor:
         self.count = count
         self.prebound = prebound
         self.children: dict[int, int] = {}  # pid -> worker index
-        self.started_at: dict[int, float] = {}
         self.restarts: list[float] = []
         self.stopping = False
         self.failure: str | None = None
@@ -212,7 +211,6 @@ class Supervisor:
                 os._exit(code)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
         self.children[pid] = index
-        self.started_at[index] = time.monotonic()
 
     def _signal(self, signum: int, _frame: object) -> None:
         self.stopping = True

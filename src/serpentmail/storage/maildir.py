@@ -347,13 +347,10 @@ class SpoolPool:
     removes them at stop.
     """
 
-    def __init__(self, tmp_dir: Path, size: int = 32, *, hand_out_in: Path | None = None) -> None:
+    def __init__(self, tmp_dir: Path, size: int = 32) -> None:
         import collections
 
         self.tmp_dir = tmp_dir
-        # With hand_out_in, spares wait in tmp_dir and are renamed into hand_out_in when taken
-        # (a rename allocates no inode), so that directory only ever holds files in use.
-        self.hand_out_in = hand_out_in
         self.size = size
         self._spares: collections.deque[SpoolFile] = collections.deque()
         self._refilling = False
@@ -367,23 +364,15 @@ class SpoolPool:
         """A fresh, empty spool file (call on the event loop)."""
         spool = self._spares.popleft() if self._spares else None
         if spool is not None:
-            spool.name = unique_name()  # named when used, not when made: Maildir names carry the time
-            if self.hand_out_in is not None:
-                try:
-                    target = self.hand_out_in / spool.name
-                    os.rename(spool.path, target)
-                    spool.path = target
-                except OSError:
-                    spool.discard()
-                    spool = None
+            # Named when used, not when made: Maildir names carry the time. The file stays
+            # where it was made (a rename per message cost more than it saved).
+            spool.name = unique_name()
         if len(self._spares) < self.size // 2 and not self._refilling and self.size > 0:
             import asyncio
 
             self._refilling = True
             asyncio.get_running_loop().create_task(self._refill())
-        if spool is not None:
-            return spool
-        return SpoolFile(self.hand_out_in or self.tmp_dir)
+        return spool if spool is not None else SpoolFile(self.tmp_dir)
 
     async def _refill(self) -> None:
         import asyncio
