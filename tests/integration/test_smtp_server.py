@@ -93,6 +93,31 @@ def test_byte_for_byte_with_trace_headers(server: tuple[Config, ServerThread]) -
     assert _spool_files(cfg.data_dir) == []
 
 
+@pytest.mark.parametrize("transfer", [b"DATA\r\n.\r\n", b"BDAT 0 LAST\r\n"])
+def test_an_empty_message_still_gets_its_trace_fields(server: tuple[Config, ServerThread], transfer: bytes) -> None:
+    # The trace fields are written with the first chunk of the body; an empty message has no
+    # chunk, so they must be written when it completes.
+    cfg, srv = server
+    with socket.create_connection(srv.endpoint("smtp"), timeout=20) as s:
+        s.sendall(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<bill@winview.test>\r\n")
+        if transfer.startswith(b"DATA"):
+            s.sendall(b"DATA\r\n")
+            seen = b""
+            while b"\r\n354 " not in seen:
+                chunk = s.recv(4096)
+                assert chunk, seen
+                seen += chunk
+            s.sendall(b".\r\nQUIT\r\n")
+        else:
+            s.sendall(transfer + b"QUIT\r\n")
+        out = recv_until_closed(s)
+    assert b"250 2.0.0 OK: queued as" in out, out
+    (f,) = maildir_files(cfg, BILL)
+    data = f.read_bytes()
+    assert data.startswith(b"Return-Path: <a@b.test>\r\nReceived: from c.test ") and data.endswith(b"\r\n")
+    assert f.name.endswith(f",S={len(data)}")
+
+
 def test_large_message_byte_for_byte(server: tuple[Config, ServerThread]) -> None:
     cfg, srv = server
     line = b"0123456789abcdef" * 8 + b"\r\n"
