@@ -166,6 +166,12 @@ class ServerContext:
         if self.peers is not None:
             self.peers.connection_closed(ip)
 
+    def can_commit_now(self) -> bool:
+        """True when a session may run its commit itself (:meth:`Committer.commit_now`): it is
+        the only session of this process and the committer has nothing waiting, so there is
+        no batch to share and no other client to keep waiting for the fsyncs."""
+        return len(self.sessions) <= 1 and self.committer.idle()
+
     async def commit(self, job_spool: SpoolFile, links: list[Path], *, keep_spool: bool = False) -> None:
         """Run the durable recipe for ``job_spool`` in the committer; raise on failure."""
         await commit_async(self.committer, job_spool, links, keep_spool=keep_spool)

@@ -16,6 +16,7 @@ import email.utils
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from ..accounts.db import User
@@ -141,7 +142,7 @@ class SMTPSession(EngineSession):
             case DataChunk():
                 self._on_chunk(ev.data)
             case MessageComplete():
-                self.start_task(self._on_message(ev))
+                self._on_message_complete(ev)
             case TransactionReset():
                 self._discard()
             case StartTLS():
@@ -330,7 +331,29 @@ class SMTPSession(EngineSession):
         if spool is not None:
             spool.discard()
 
-    async def _on_message(self, ev: MessageComplete) -> None:
+    def _on_message_complete(self, ev: MessageComplete) -> None:
+        """End of DATA/BDAT LAST: store the message, then answer (never before it is durable).
+
+        Usually a task (the commit waits for the committer's group commit). When this is the
+        process's only session (:meth:`ServerContext.can_commit_now`), a local delivery runs
+        the recipe right here: no task, no thread hand-off, no extra loop iterations."""
+        spool = self._ready_spool(ev)
+        if spool is None:
+            return
+        txn = self.txn
+        if txn.queued or (self.kind != "smtp" and not txn.headers_added) or not self.ctx.can_commit_now():
+            self.start_task(self._on_message(ev, spool))
+            return
+        links = self._local_links(spool)
+        try:
+            self.ctx.committer.commit_now(spool, links)
+        except Exception as exc:
+            self._store_failed(exc)
+            return
+        self._delivered(ev, spool, links)
+
+    def _ready_spool(self, ev: MessageComplete) -> SpoolFile | None:
+        """The message's spool with everything written, or None once the refusal is queued."""
         engine = self.engine
         assert engine is not None
         txn = self.txn
@@ -347,12 +370,24 @@ class SMTPSession(EngineSession):
             log.error("spool write failed client=%s: %s", self.ip, txn.write_error)
             self._discard()
             engine.respond(R.INSUFFICIENT_STORAGE if txn.write_error and txn.write_error.errno == 28 else R.LOCAL_ERROR)
-            return
+            return None
+        return spool
+
+    def _local_links(self, spool: SpoolFile) -> list[Path]:
+        name = final_name(spool.name, spool.size)
+        dirs = [self.ctx.maildir(uid) for uid in self.txn.users]
+        if self.txn.postmaster_fallback:
+            dirs.append(self.ctx.postmaster_maildir())
+        return [d.joinpath("new", name) for d in dirs]
+
+    async def _on_message(self, ev: MessageComplete, spool: SpoolFile) -> None:
+        engine = self.engine
+        assert engine is not None
+        txn = self.txn
         if self.kind != "smtp" and not txn.headers_added:  # a header section too big to hold
             await self._add_submission_headers(ev)
+            assert txn.spool is not None
             spool = txn.spool
-            assert spool is not None
-        sender = str(txn.sender or "")
         self._committing = True
         try:
             if txn.queued:
@@ -360,34 +395,42 @@ class SMTPSession(EngineSession):
                 if txn.postmaster_fallback:
                     recipients.append("postmaster@" + self.ctx.config.hostname)
                 assert self.ctx.outbound is not None
-                qid = await self.ctx.outbound.enqueue(spool, sender, recipients, smtputf8=engine.smtputf8,
-                                                         body_8bit=engine.body_8bit)
+                qid = await self.ctx.outbound.enqueue(spool, str(txn.sender or ""), recipients,
+                                                         smtputf8=engine.smtputf8, body_8bit=engine.body_8bit)
                 txn.spool = None
-                status = "queued"
             else:
-                name = final_name(spool.name, spool.size)
-                dirs = [self.ctx.maildir(uid) for uid in txn.users]
-                if txn.postmaster_fallback:
-                    dirs.append(self.ctx.postmaster_maildir())
-                links = [d.joinpath("new", name) for d in dirs]
+                links = self._local_links(spool)
                 await self.ctx.commit(spool, links)
-                txn.spool = None
-                qid = spool.name
-                status = "delivered"
-                if self.ctx.on_local_delivery is not None:
-                    self.ctx.on_local_delivery(links)
         except Exception as exc:
-            log_event(log, "store failed", logging.ERROR, from_=f"<{sender}>", client=self.ip, error=repr(exc))
-            self._discard()
-            engine.respond(R.LOCAL_ERROR)
+            self._store_failed(exc)
             return
         finally:
             self._committing = False
+        if txn.queued:
+            self._message_done(ev, qid, "queued")
+        else:
+            self._delivered(ev, spool, links)
+
+    def _store_failed(self, exc: Exception) -> None:
+        log_event(log, "store failed", logging.ERROR, from_=f"<{self.txn.sender or ''}>", client=self.ip, error=repr(exc))
+        self._discard()
+        assert self.engine is not None
+        self.engine.respond(R.LOCAL_ERROR)
+
+    def _delivered(self, ev: MessageComplete, spool: SpoolFile, links: list[Path]) -> None:
+        self.txn.spool = None
+        if self.ctx.on_local_delivery is not None:
+            self.ctx.on_local_delivery(links)
+        self._message_done(ev, spool.name, "delivered")
+
+    def _message_done(self, ev: MessageComplete, qid: str, status: str) -> None:
+        txn = self.txn
         self._count_sent()
-        log_event(log, "message", id=qid, **{"from": f"<{sender}>"}, to=",".join(f"<{r}>" for r in txn.rcpts),
+        log_event(log, "message", id=qid, **{"from": f"<{txn.sender or ''}>"}, to=",".join(f"<{r}>" for r in txn.rcpts),
                   size=ev.size, status=status, client=self.ip, user=self.user.address if self.user else "-")
         self.txn = _Transaction()
-        engine.respond(R.QUEUED.with_text(f"OK: queued as {qid}"))
+        assert self.engine is not None
+        self.engine.respond(R.QUEUED.with_text(f"OK: queued as {qid}"))
 
     async def _add_submission_headers(self, ev: MessageComplete) -> None:
         """RFC 6409 §8.2, §8.3: add Message-ID and Date when the client did not (slow path:

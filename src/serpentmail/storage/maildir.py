@@ -12,9 +12,12 @@ A crash before step 4 can leave a file in ``tmp/`` (cleaned at start) but never 
 in ``new/``: the link only happens after the content is on disk. A message for several local
 mailboxes is written once and hard-linked N times.
 
-Steps 2-4 run in :class:`Committer` threads, never on the event loop. Jobs that arrive while a
-batch is being synced wait for the next batch, so concurrent sessions share directory fsyncs
-(group commit); every job's callback runs only after its own batch is durable.
+Steps 2-4 run in :class:`Committer` threads. Jobs that arrive while a batch is being synced
+wait for the next batch, so concurrent sessions share directory fsyncs (group commit); every
+job's callback runs only after its own batch is durable. The one exception is a server with a
+single session and nothing waiting in the committer: there is no batch to share, and handing
+the job to a thread and waking the event loop afterwards cost more than the fsyncs, so the
+session runs the same recipe itself (:meth:`Committer.commit_now`).
 
 Stored messages keep the CRLF line endings they arrived with, so the file is byte-for-byte
 what the client sent (plus our trace headers) and POP3 can send it without conversion.
@@ -123,6 +126,20 @@ class Committer:
     def submit(self, job: CommitJob) -> None:
         self._q.put(job)
 
+    def idle(self) -> bool:
+        """Nothing is waiting for the committer threads (a batch may still be syncing)."""
+        return self._q.empty()
+
+    def commit_now(self, spool: SpoolFile, links: list[Path], *, keep_spool: bool = False) -> None:
+        """Run the recipe for one file on the calling thread; raise on failure.
+
+        For a caller with nobody to share a batch with (see the module docstring): the same
+        steps, the same cleanup on failure, without the thread hand-off and loop wake-up."""
+        errors: list[BaseException | None] = []
+        self._commit([CommitJob(spool, links, errors.append, keep_spool=keep_spool)], wake=False)
+        if errors[0] is not None:
+            raise errors[0]
+
     def close(self) -> None:
         for _ in self._threads:
             self._q.put(None)
@@ -149,7 +166,7 @@ class Committer:
             if stop:
                 return
 
-    def _commit(self, batch: list[CommitJob]) -> None:
+    def _commit(self, batch: list[CommitJob], *, wake: bool = True) -> None:
         errors: dict[int, BaseException] = {}
         dirs: dict[Path, None] = {}
         if len(batch) > 1 and _sync_file_range is not None:
@@ -192,7 +209,8 @@ class Committer:
                     pass  # a leftover temp file is harmless and cleaned at start
             job.done = True
             job.on_done(err)
-        _LoopWaker.flush_all()
+        if wake:
+            _LoopWaker.flush_all()
 
 
 _sync_file_range = getattr(os, "sync_file_range", None)
