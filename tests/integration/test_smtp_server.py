@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import shutil
 import smtplib
@@ -328,11 +329,18 @@ def _bill_maildir(cfg: Config) -> Path:
     return cfg.data_dir / "mail" / str(user.id)
 
 
+@pytest.mark.parametrize("alone", [True, False], ids=["session commits itself", "committer thread"])
 @pytest.mark.parametrize("when", ["before first delivery", "after first delivery"])
-def test_internal_error_is_451_without_detail(tmp_path: Path, caplog: pytest.LogCaptureFixture, when: str) -> None:
+def test_internal_error_is_451_without_detail(tmp_path: Path, caplog: pytest.LogCaptureFixture, when: str,
+                                              alone: bool) -> None:
+    # A lone session runs the commit itself; with another session open it goes through the
+    # committer thread. Both must fail the same way.
     cfg = cfg_for(tmp_path)
     md = _bill_maildir(cfg)
-    with running_server(cfg) as srv, connect(srv) as c:
+    with running_server(cfg) as srv, connect(srv) as c, contextlib.ExitStack() as stack:
+        if not alone:
+            stack.enter_context(connect(srv)).noop()
+        assert len(srv.server.ctx.sessions) == (1 if alone else 2)
         if when == "after first delivery":
             c.sendmail("a@b.test", [BILL], b"Subject: ok\r\n\r\n1\r\n")
             shutil.rmtree(md / "new")
