@@ -156,7 +156,6 @@ class AccountDB:
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         db = self._db
-        self._local.resolved = None  # this connection writes: forget the cached answers
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
@@ -300,28 +299,8 @@ class AccountDB:
 
     # --- resolution ----------------------------------------------------------------------
 
-    def resolve(self, address: Address) -> Resolution:
-        """Expand ``address`` into local users and remote targets (aliases followed 10 deep).
-
-        Answers are cached per thread for as long as the database is unchanged: SQLite's
-        ``PRAGMA data_version`` changes whenever another connection commits (an administrator's
-        ``user del`` is seen by the next RCPT), and this connection's own writes clear the cache.
-        The check costs a fraction of the lookup it saves, which runs at every RCPT."""
-        version = self._db.execute("PRAGMA data_version").fetchone()[0]
-        cache: tuple[int, dict[tuple[str, str], Resolution]] | None = getattr(self._local, "resolved", None)
-        if cache is None or cache[0] != version:
-            cache = (version, {})
-            self._local.resolved = cache
-        ckey = (address.key, address.domain)
-        res = cache[1].get(ckey)
-        if res is None:
-            res = self._resolve(address, depth=0)
-            if len(cache[1]) >= 10_000:
-                cache[1].clear()
-            cache[1][ckey] = res
-        return res
-
-    def _resolve(self, address: Address, *, depth: int) -> Resolution:
+    def resolve(self, address: Address, *, depth: int = 0) -> Resolution:
+        """Expand ``address`` into local users and remote targets (aliases followed 10 deep)."""
         key = address.key
         domain = address.domain.lower().rstrip(".")  # the catch-all key below is lower-case
         db = self._db
@@ -341,7 +320,7 @@ class AccountDB:
         for target in targets:
             local, _, tdomain = target.rpartition("@")
             if depth < 10 and self.is_local_domain(tdomain):
-                sub = self._resolve(Address(local, tdomain), depth=depth + 1)
+                sub = self.resolve(Address(local, tdomain), depth=depth + 1)
                 for u in sub.users:
                     users[u.id] = u
                 remote.extend(r for r in sub.remote if r not in remote)
