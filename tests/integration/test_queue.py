@@ -183,6 +183,31 @@ def test_submission_to_alias_with_local_and_remote_targets(tmp_path: Path) -> No
 
 
 @needs_remote
+def test_relayed_items_files_are_emptied_and_reused(tmp_path: Path) -> None:
+    """Delivered queue items are not deleted but emptied and handed to the spool pools."""
+    n = 40
+    with world(tmp_path, 8) as (sink, dns):
+        cfg = _server_config(tmp_path, 8, sink, dns)
+        add_user(cfg, "bill@home.test", "billpw")
+        recycled = cfg.data_dir / "tmp" / "recycled"
+        with running_server(cfg) as srv, smtplib.SMTP(*srv.endpoint("submission"), timeout=10) as c:
+            c.ehlo("client.test")
+            c.starttls(context=_tls())
+            c.ehlo("client.test")
+            c.login("bill@home.test", "billpw")
+            for i in range(n):
+                body = f"From: bill@home.test\r\nMessage-ID: <r{i}@home.test>\r\n\r\nmessage {i}\r\n".encode()
+                assert c.sendmail("bill@home.test", ["carol@far.test"], body) == {}
+                _wait(lambda: not list(QueueStore(cfg.data_dir).ids()))
+            kept = list(recycled.iterdir())
+            assert kept and all(p.stat().st_size == 0 for p in kept)  # emptied, nothing lingers
+            assert len(kept) < 2 * n  # two files per delivered item went in; some were taken again
+            _wait(lambda: not any(list((cfg.data_dir / "queue" / d).iterdir()) for d in ("data", "env")))
+        assert all(sink.accepted[("carol@far.test", f"<r{i}@home.test>")] == 1 for i in range(n))
+        assert sum(sink.accepted.values()) == n
+
+
+@needs_remote
 def test_5xx_recipient_among_2xx_gives_one_bounce_read_over_pop3(tmp_path: Path) -> None:
     with world(tmp_path, 2) as (sink, dns):
         cfg = _server_config(tmp_path, 2, sink, dns)

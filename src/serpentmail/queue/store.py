@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..storage.maildir import Committer, SpoolFile, SpoolPool, commit_async, fsync_dir
+from ..storage.maildir import Committer, Recycler, SpoolFile, SpoolPool, commit_async, fsync_dir
 
 RecipientState = Literal["pending", "delivered", "failed"]
 ENVELOPE_VERSION = 1
@@ -171,7 +171,7 @@ class QueueStore:
     """Files of the outbound queue. Thread-safe for distinct ids; one writer per id."""
 
     def __init__(self, data_dir: Path, committer: Committer | None = None,
-                 clock: Any = time.time) -> None:
+                 clock: Any = time.time, recycler: Recycler | None = None) -> None:
         self.data_dir = data_dir
         self.root = data_dir / "queue"
         self.data = self.root / "data"
@@ -181,13 +181,15 @@ class QueueStore:
         self.spool_tmp = data_dir / "tmp"
         self.committer = committer
         self.clock = clock
+        # The server's: removed items' files are kept for reuse (storage/maildir.py explains why).
+        self.recycler = recycler
         # remove_batched: requests waiting for the next batch, on one event loop.
         self._rm_loop: asyncio.AbstractEventLoop | None = None
         self._rm_pending: list[tuple[str, asyncio.Future[bool]]] = []
         self._rm_running = False
         self._rm_task: asyncio.Task[None] | None = None
         # Empty envelope temp files made in a worker thread (tmp/, cleaned by recover()).
-        self.spares = SpoolPool(self.tmp, SPARE_ENVELOPE_FILES)
+        self.spares = SpoolPool(self.tmp, SPARE_ENVELOPE_FILES, recycler)
         for d in (self.data, self.env, self.tmp, self.control, self.spool_tmp):
             d.mkdir(parents=True, exist_ok=True)
 
@@ -348,11 +350,17 @@ class QueueStore:
         """Remove several items with ONE directory fsync: every envelope is unlinked, then
         ``env/`` is fsync'd (the commit point of "gone" for all of them), then the data files
         are unlinked. Their directory is not fsync'd: a data file that comes back after a
-        crash has no envelope and :meth:`recover` removes it. Returns the ids that existed."""
+        crash has no envelope and :meth:`recover` removes it. Returns the ids that existed.
+        With a :class:`Recycler` (the server), "unlinked" means renamed into its directory and
+        emptied: the same commit point, and the files are reused for new spools."""
         existed: set[str] = set()
+        recycler = self.recycler
         for qid in qids:
             try:
-                os.unlink(self.env_path(qid))
+                if recycler is None:
+                    os.unlink(self.env_path(qid))
+                else:
+                    recycler.put(self.env_path(qid))
                 existed.add(qid)
             except FileNotFoundError:
                 continue
@@ -360,7 +368,10 @@ class QueueStore:
             fsync_dir(self.env)
         for qid in qids:
             try:
-                os.unlink(self.data_path(qid))
+                if recycler is None:
+                    os.unlink(self.data_path(qid))
+                else:
+                    recycler.put(self.data_path(qid), empty_first=True)
                 existed.add(qid)
             except FileNotFoundError:
                 continue

@@ -22,6 +22,7 @@ from ..log import log_event
 from ..proto.address import Address
 from ..storage.maildir import (
     Committer,
+    Recycler,
     SpoolFile,
     SpoolPool,
     commit_async,
@@ -105,6 +106,8 @@ class ServerContext:
     sent_per_user: dict[int, list[float]] = field(default_factory=dict)
     # With workers: the other processes' share of the limits (server/peers.py).
     peers: PeerLink | None = None
+    # Emptied queue files kept for the spool pools (storage/maildir.py, Recycler).
+    recycler: Recycler | None = None
     _known_maildirs: dict[int, Path] = field(default_factory=dict)  # user id -> ensured maildir
 
     def __post_init__(self) -> None:
@@ -117,7 +120,7 @@ class ServerContext:
         # (named when taken; renaming each into tmp/ cost ~0.25 ms of event-loop time per
         # message in the inbound profile). Both directories are emptied at start.
         (self._tmp_dir / "spare").mkdir(exist_ok=True)
-        self.spools = SpoolPool(self._tmp_dir / "spare")
+        self.spools = SpoolPool(self._tmp_dir / "spare", recycler=self.recycler)
 
     @property
     def tmp_dir(self) -> Path:

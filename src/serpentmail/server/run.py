@@ -23,7 +23,7 @@ from ..accounts.db import AccountDB
 from ..config import Config, Endpoint
 from ..log import log_event
 from ..proto import replies as R
-from ..storage.maildir import Committer, clean_tmp
+from ..storage.maildir import Committer, Recycler, clean_tmp
 from .context import ServerContext
 from .peers import PeerLink
 from .smtp import SMTPSession
@@ -54,6 +54,7 @@ def prepare_data_dir(cfg: Config) -> None:
         (cfg.data_dir / sub).mkdir(parents=True, exist_ok=True)
     clean_tmp(cfg.data_dir / "tmp")
     clean_tmp(cfg.data_dir / "tmp" / "spare")
+    clean_tmp(cfg.data_dir / "tmp" / "recycled")
     if cfg.default_domains:
         accounts = AccountDB(cfg.db_path)
         try:
@@ -115,7 +116,8 @@ class Server:
                 tls = server_context(cfg)
             except (OSError, ValueError) as exc:
                 raise StartupError(f"cannot load TLS certificate: {exc}") from exc
-        self.ctx = ServerContext(cfg, accounts, Committer(), tls)
+        recycler = Recycler(cfg.data_dir / "tmp" / "recycled", prefix=f"w{self.worker_index}")
+        self.ctx = ServerContext(cfg, accounts, Committer(), tls, recycler=recycler)
         if self.peers is not None:
             self.peers.start(self.ctx)
         try:

@@ -19,12 +19,20 @@ single session and nothing waiting in the committer: there is no batch to share,
 the job to a thread and waking the event loop afterwards cost more than the fsyncs, so the
 session runs the same recipe itself (:meth:`Committer.commit_now`).
 
+Files are reused rather than deleted where the server itself empties them (a delivered queue
+item's data and envelope): :class:`Recycler` keeps them, emptied, for the spool pools. On ext4
+without a journal, creating a file scans every inode freed in the last minutes (the kernel's
+``recently_deleted`` check), so a queue that deletes two files per message made each new file
+cost up to a millisecond of kernel time; the profile is bench/profiles/submission-inode-scan.txt.
+
 Stored messages keep the CRLF line endings they arrived with, so the file is byte-for-byte
 what the client sent (plus our trace headers) and POP3 can send it without conversion.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import itertools
 import os
 import queue
@@ -79,6 +87,17 @@ class SpoolFile:
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self.size = 0
         self.closed = False
+
+    @classmethod
+    def reuse(cls, path: Path) -> SpoolFile:
+        """An existing emptied file (from :class:`Recycler`) opened as a new spool."""
+        spool = cls.__new__(cls)
+        spool.name = path.name
+        spool.path = path
+        spool.fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+        spool.size = 0
+        spool.closed = False
+        return spool
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -354,6 +373,63 @@ async def commit_async(committer: Committer, spool: SpoolFile, links: list[Path]
     await fut
 
 
+class Recycler:
+    """Emptied files kept for reuse instead of deleted (see the module docstring).
+
+    :meth:`put` moves a file the server no longer needs into this process's own directory and
+    empties it there (a queue item's content does not linger); :meth:`take` hands one back for
+    a spool pool. At most ``limit`` are kept; past that, files are deleted as before. Every file
+    here is garbage by definition: the start-up cleaning removes them, and a new Recycler first
+    removes the ones its predecessor under the same ``prefix`` (a restarted worker) left.
+    Thread-safe (the queue removes files in worker threads, pools refill in others).
+    """
+
+    def __init__(self, directory: Path, prefix: str = "r", limit: int = 256) -> None:
+        self.dir = directory
+        self.prefix = f"{prefix}-"
+        self.limit = limit
+        self._free: collections.deque[Path] = collections.deque()
+        self._seq = itertools.count(1)
+        self._lock = threading.Lock()
+        directory.mkdir(parents=True, exist_ok=True)
+        with os.scandir(directory) as it:
+            for entry in it:
+                if entry.name.startswith(self.prefix):
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+
+    def __len__(self) -> int:
+        return len(self._free)
+
+    def put(self, path: Path, *, empty_first: bool = False) -> None:
+        """Take ``path`` out of its directory (a rename: the same commit point as an unlink) and
+        keep it, emptied (deleted instead when the limit is reached). ``empty_first``: empty it
+        before the rename, for a file nobody can read any more (a queue item's data once its
+        envelope is gone); otherwise it is emptied right after. Raises like ``os.unlink``
+        (``FileNotFoundError`` when ``path`` is already gone)."""
+        if len(self._free) >= self.limit:
+            os.unlink(path)
+            return
+        target = self.dir / f"{self.prefix}{next(self._seq)}"
+        if empty_first:
+            os.truncate(path, 0)
+            os.rename(path, target)
+        else:
+            os.rename(path, target)
+            try:
+                os.truncate(target, 0)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(target)
+                return
+        with self._lock:
+            self._free.append(target)
+
+    def take(self) -> Path | None:
+        with self._lock:
+            return self._free.popleft() if self._free else None
+
+
 class SpoolPool:
     """Empty temp files made ahead of need in a worker thread.
 
@@ -365,10 +441,9 @@ class SpoolPool:
     removes them at stop.
     """
 
-    def __init__(self, tmp_dir: Path, size: int = 32) -> None:
-        import collections
-
+    def __init__(self, tmp_dir: Path, size: int = 32, recycler: Recycler | None = None) -> None:
         self.tmp_dir = tmp_dir
+        self.recycler = recycler
         self.size = size
         self._spares: collections.deque[SpoolFile] = collections.deque()
         self._refilling = False
@@ -413,10 +488,18 @@ class SpoolPool:
                     self._spares.append(spool)
 
     def make(self, n: int) -> list[SpoolFile]:
-        """Create ``n`` empty spool files (runs in a worker thread)."""
+        """``n`` empty spool files, reused ones first (runs in a worker thread)."""
         out: list[SpoolFile] = []
         try:
             for _ in range(n):
+                old = self.recycler.take() if self.recycler is not None else None
+                if old is not None:
+                    try:
+                        out.append(SpoolFile.reuse(old))
+                        continue
+                    except OSError:
+                        with contextlib.suppress(OSError):
+                            os.unlink(old)
                 out.append(SpoolFile(self.tmp_dir))
         except OSError:
             if not out:

@@ -1,0 +1,81 @@
+"""Recycler: a removed queue item's files are kept, emptied, and reused for new spools."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from serpentmail.queue.store import QueueStore
+from serpentmail.storage.maildir import (
+    Committer,
+    Recycler,
+    SpoolFile,
+    SpoolPool,
+    commit_async,
+    final_name,
+)
+
+
+def _enqueue(store: QueueStore, content: bytes) -> str:
+    sp = SpoolFile(store.spool_tmp)
+    sp.write(content)
+    return asyncio.run(store.enqueue(sp, "a@b.test", ["x@y.test"])).id
+
+
+def test_removed_items_are_emptied_and_reused_for_new_messages(tmp_path: Path) -> None:
+    recycler = Recycler(tmp_path / "tmp" / "recycled", prefix="w0")
+    store = QueueStore(tmp_path, recycler=recycler)
+    qid = _enqueue(store, b"Subject: secret\r\n\r\nconfidential body\r\n")
+    inodes = {store.data_path(qid).stat().st_ino, store.env_path(qid).stat().st_ino}
+
+    assert store.remove_many([qid, "nosuchid"]) == {qid}
+    # gone from the queue as before (the envelope's disappearance is the commit point)
+    assert not store.exists(qid) and store.load(qid) is None and list(store.ids()) == []
+    kept = sorted(recycler.dir.iterdir())
+    assert len(kept) == 2 == len(recycler)
+    assert {p.stat().st_ino for p in kept} == inodes
+    assert all(p.stat().st_size == 0 for p in kept)  # the content does not linger
+
+    # A pool hands the same inodes out again; a message written to one is exactly its bytes.
+    pool = SpoolPool(tmp_path / "tmp", recycler=recycler)
+    reused = pool.make(3)
+    assert {os.fstat(s.fd).st_ino for s in reused[:2]} == inodes
+    assert reused[2].path.parent == tmp_path / "tmp"  # none left: a new file is made
+    assert len(recycler) == 0
+    spool = reused[0]
+    spool.write(b"new\r\n")
+    maildir = tmp_path / "mail" / "1"
+    (maildir / "new").mkdir(parents=True)
+    target = maildir / "new" / final_name(spool.name, spool.size)
+    committer = Committer()
+    try:
+        asyncio.run(commit_async(committer, spool, [target]))
+    finally:
+        committer.close()
+    assert target.read_bytes() == b"new\r\n"
+    assert not spool.path.exists()  # the recycled name went away once linked
+    for s in reused[1:]:
+        s.discard()
+
+
+def test_the_limit_and_a_restarted_owner(tmp_path: Path) -> None:
+    d = tmp_path / "recycled"
+    recycler = Recycler(d, prefix="w1", limit=2)
+    files = []
+    for i in range(3):
+        f = tmp_path / f"f{i}"
+        f.write_bytes(b"x" * 100)
+        files.append(f)
+        recycler.put(f)
+    assert not any(f.exists() for f in files)
+    assert len(recycler) == 2 and len(list(d.iterdir())) == 2  # the third was deleted
+    with pytest.raises(FileNotFoundError):
+        recycler.put(tmp_path / "missing")
+    # Another process's files are left alone; a successor with the same prefix removes them.
+    Recycler(d, prefix="w2")
+    assert len(list(d.iterdir())) == 2
+    Recycler(d, prefix="w1")
+    assert list(d.iterdir()) == []
