@@ -79,3 +79,39 @@ def test_the_limit_and_a_restarted_owner(tmp_path: Path) -> None:
     assert len(list(d.iterdir())) == 2
     Recycler(d, prefix="w1")
     assert list(d.iterdir()) == []
+
+
+def test_workers_share_the_surplus_and_no_file_is_handed_out_twice(tmp_path: Path) -> None:
+    """With workers, the first one removes every queue item but all of them receive mail: past
+    half its limit it offers files to the others, each claimed by exactly one of them."""
+    d = tmp_path / "recycled"
+    first = Recycler(d, prefix="w0", limit=4, share=True)
+    others = [Recycler(d, prefix="w1", share=True), Recycler(d, prefix="w2", share=True)]
+    for i in range(4):
+        f = tmp_path / f"f{i}"
+        f.write_bytes(b"queued message")
+        first.put(f)
+    assert len(first) == 2  # kept for itself; the other two were offered
+    offered = sorted(p.name for p in d.iterdir() if p.name.startswith(Recycler.SHARED))
+    assert len(offered) == 2
+    got = [p for p in (others[0].take(), first.take(), others[1].take(), first.take(), first.take(),
+                       others[0].take(), others[1].take()) if p is not None]
+    assert len(got) == 4 == len(set(got))  # each file once, whoever took it
+    assert [p.name.split("-")[0] for p in got[:3]] == ["w1", "w0", "w2"]  # the others claimed theirs
+    assert {os.stat(p).st_ino for p in got} == {os.stat(p).st_ino for p in d.iterdir()}
+    assert all(os.stat(p).st_size == 0 for p in got)
+    assert not any(p.name.startswith(Recycler.SHARED) for p in d.iterdir())
+
+
+def test_offered_files_are_bounded_when_nobody_claims_them(tmp_path: Path) -> None:
+    d = tmp_path / "recycled"
+    first = Recycler(d, prefix="w0", limit=4, share=True)
+    for i in range(80):
+        f = tmp_path / f"f{i}"
+        f.write_bytes(b"x")
+        first.put(f)
+        assert not f.exists()
+    shared = [p for p in d.iterdir() if p.name.startswith(Recycler.SHARED)]
+    # counted every 32 offers: at most the limit plus one round of 32, the rest deleted
+    assert 4 <= len(shared) <= 4 + 32
+    assert len(first) == 2 and len(list(d.iterdir())) == 2 + len(shared)

@@ -116,7 +116,8 @@ class Server:
                 tls = server_context(cfg)
             except (OSError, ValueError) as exc:
                 raise StartupError(f"cannot load TLS certificate: {exc}") from exc
-        recycler = Recycler(cfg.data_dir / "tmp" / "recycled", prefix=f"w{self.worker_index}")
+        recycler = Recycler(cfg.data_dir / "tmp" / "recycled", prefix=f"w{self.worker_index}",
+                            share=self.worker_count > 1)
         self.ctx = ServerContext(cfg, accounts, Committer(), tls, recycler=recycler)
         if self.peers is not None:
             self.peers.start(self.ctx)

@@ -376,21 +376,33 @@ async def commit_async(committer: Committer, spool: SpoolFile, links: list[Path]
 class Recycler:
     """Emptied files kept for reuse instead of deleted (see the module docstring).
 
-    :meth:`put` moves a file the server no longer needs into this process's own directory and
-    empties it there (a queue item's content does not linger); :meth:`take` hands one back for
-    a spool pool. At most ``limit`` are kept; past that, files are deleted as before. Every file
-    here is garbage by definition: the start-up cleaning removes them, and a new Recycler first
-    removes the ones its predecessor under the same ``prefix`` (a restarted worker) left.
-    Thread-safe (the queue removes files in worker threads, pools refill in others).
+    :meth:`put` moves a file the server no longer needs into the recycling directory under this
+    process's own prefix and empties it there (a queue item's content does not linger);
+    :meth:`take` hands one back for a spool pool. At most ``limit`` are kept; past that, files
+    are deleted as before. With ``share`` (several worker processes, where only the first
+    removes queue items but every one receives mail), a process holding more than half its
+    limit renames further files to a ``shared-`` name, which it never touches again, and a
+    process with none of its own claims one by renaming it to its own prefix: a rename succeeds
+    for one claimant only, so no file is ever in two hands. Every file here is garbage by
+    definition: the start-up cleaning removes them, and a new Recycler first removes the ones
+    its predecessor under the same ``prefix`` (a restarted worker) left. Thread-safe (the queue
+    removes files in worker threads, pools refill in others).
     """
 
-    def __init__(self, directory: Path, prefix: str = "r", limit: int = 256) -> None:
+    SHARED = "shared-"
+
+    def __init__(self, directory: Path, prefix: str = "r", limit: int = 256, *, share: bool = False) -> None:
         self.dir = directory
         self.prefix = f"{prefix}-"
         self.limit = limit
+        self.share = share
         self._free: collections.deque[Path] = collections.deque()
         self._seq = itertools.count(1)
         self._lock = threading.Lock()
+        self._offered: list[str] = []  # shared names seen at the last scan, not yet tried
+        self._next_scan = 0.0
+        self._recount_in = 0  # surplus files until the shared ones are counted again
+        self._offering = True
         directory.mkdir(parents=True, exist_ok=True)
         with os.scandir(directory) as it:
             for entry in it:
@@ -407,10 +419,11 @@ class Recycler:
         before the rename, for a file nobody can read any more (a queue item's data once its
         envelope is gone); otherwise it is emptied right after. Raises like ``os.unlink``
         (``FileNotFoundError`` when ``path`` is already gone)."""
-        if len(self._free) >= self.limit:
+        held = len(self._free)
+        if held >= self.limit:
             os.unlink(path)
             return
-        target = self.dir / f"{self.prefix}{next(self._seq)}"
+        target = self._private_name()
         if empty_first:
             os.truncate(path, 0)
             os.rename(path, target)
@@ -422,12 +435,56 @@ class Recycler:
                 with contextlib.suppress(OSError):
                     os.unlink(target)
                 return
+        if self.share and held >= self.limit // 2:
+            if self._may_offer():
+                with contextlib.suppress(OSError):
+                    os.rename(target, self.dir / f"{self.SHARED}{target.name}")
+                    return
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(target)
+                return
         with self._lock:
             self._free.append(target)
 
     def take(self) -> Path | None:
         with self._lock:
-            return self._free.popleft() if self._free else None
+            if self._free:
+                return self._free.popleft()
+        return self._claim() if self.share else None
+
+    def _may_offer(self) -> bool:
+        """Fewer than ``limit`` shared files wait (counted once every 32 surplus files)."""
+        with self._lock:
+            if self._recount_in <= 0:
+                with os.scandir(self.dir) as it:
+                    waiting = sum(1 for e in it if e.name.startswith(self.SHARED))
+                self._offering = waiting < self.limit
+                self._recount_in = 32
+            self._recount_in -= 1
+            return self._offering
+
+    def _private_name(self) -> Path:
+        return self.dir / f"{self.prefix}{next(self._seq)}"
+
+    def _claim(self) -> Path | None:
+        """A file another process offered, renamed to this process's prefix; None if none."""
+        with self._lock:
+            if not self._offered:
+                now = time.monotonic()
+                if now < self._next_scan:
+                    return None
+                self._next_scan = now + 0.02  # not a scan per file of a pool's refill
+                with os.scandir(self.dir) as it:
+                    self._offered = [e.name for e in it if e.name.startswith(self.SHARED)]
+            while self._offered:
+                target = self._private_name()
+                try:
+                    os.rename(self.dir / self._offered.pop(), target)
+                except FileNotFoundError:
+                    continue  # another process claimed it first
+                return target
+        return None
 
 
 class SpoolPool:
