@@ -10,6 +10,7 @@ from a tuple of lines, each sent as ``code-enhanced text`` except the last (RFC 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 
@@ -44,18 +45,24 @@ class Reply(ReplyClass):
         return Reply(self.code, self.enhanced, text)
 
     def to_bytes(self) -> bytes:
-        # RFC 5321 §4.2.1: continuation lines use "code-", the last line "code ".
-        # RFC 2034 §4: the enhanced code follows the reply code on every line.
-        lines = _clean(self.text).split("\n")
-        enhanced = f"{self.enhanced} " if self.enhanced else ""
-        out = []
-        for i, line in enumerate(lines):
-            sep = " " if i == len(lines) - 1 else "-"
-            out.append(f"{self.code}{sep}{enhanced}{line}".rstrip())
-        return ("\r\n".join(out) + "\r\n").encode("utf-8", "replace")
+        """The wire form. Most replies are constants sent again and again: rendered once each."""
+        return _render(self)
 
     def __str__(self) -> str:
         return f"{self.code} {self.enhanced} {self.text}".strip()
+
+
+@functools.lru_cache(maxsize=512)
+def _render(reply: Reply) -> bytes:
+    # RFC 5321 §4.2.1: continuation lines use "code-", the last line "code ".
+    # RFC 2034 §4: the enhanced code follows the reply code on every line.
+    lines = _clean(reply.text).split("\n")
+    enhanced = f"{reply.enhanced} " if reply.enhanced else ""
+    out = []
+    for i, line in enumerate(lines):
+        sep = " " if i == len(lines) - 1 else "-"
+        out.append(f"{reply.code}{sep}{enhanced}{line}".rstrip())
+    return ("\r\n".join(out) + "\r\n").encode("utf-8", "replace")
 
 
 def _clean(text: str) -> str:

@@ -106,6 +106,8 @@ class ServerContext:
     sent_per_user: dict[int, list[float]] = field(default_factory=dict)
     # With workers: the other processes' share of the limits (server/peers.py).
     peers: PeerLink | None = None
+    # Per-kind protocol settings built once (server/smtp.py make_engine).
+    engine_settings: dict[Any, Any] = field(default_factory=dict)
     # Emptied queue files kept for the spool pools (storage/maildir.py, Recycler).
     recycler: Recycler | None = None
     _known_maildirs: dict[int, Path] = field(default_factory=dict)  # user id -> ensured maildir

@@ -84,19 +84,25 @@ class SMTPSession(EngineSession):
     # --- the EngineSession hooks -----------------------------------------------------------
 
     def make_engine(self) -> SMTPServerConnection:
-        cfg = self.ctx.config
-        submission = self.kind != "smtp"
-        self.engine = SMTPServerConnection(
-            SessionOptions(
-                hostname=cfg.hostname,
-                tls_available=self.ctx.tls is not None and self.kind != "submissions",
-                tls_active=self.kind == "submissions",
-                auth_enabled=submission,
-                auth_requires_tls=True,
-                mail_requires_auth=submission,
-            ),
-            cfg.limits.session_limits(),
-        )
+        # The options and limits are the same for every connection of a kind: built once.
+        key = (self.kind, self.ctx.tls is not None)
+        settings = self.ctx.engine_settings.get(key)
+        if settings is None:
+            cfg = self.ctx.config
+            submission = self.kind != "smtp"
+            settings = (
+                SessionOptions(
+                    hostname=cfg.hostname,
+                    tls_available=self.ctx.tls is not None and self.kind != "submissions",
+                    tls_active=self.kind == "submissions",
+                    auth_enabled=submission,
+                    auth_requires_tls=True,
+                    mail_requires_auth=submission,
+                ),
+                cfg.limits.session_limits(),
+            )
+            self.ctx.engine_settings[key] = settings
+        self.engine = SMTPServerConnection(*settings)
         return self.engine
 
     @property
