@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import email.utils
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ from ..proto.smtp_server import (
     StartTLS,
     TransactionReset,
 )
-from ..storage.maildir import SpoolFile, final_name
+from ..storage.maildir import SpoolFile, commit_then, final_name
 from .context import ServerContext
 from .session import EngineSession
 
@@ -340,23 +341,45 @@ class SMTPSession(EngineSession):
     def _on_message_complete(self, ev: MessageComplete) -> None:
         """End of DATA/BDAT LAST: store the message, then answer (never before it is durable).
 
-        Usually a task (the commit waits for the committer's group commit). When this is the
-        process's only session (:meth:`ServerContext.can_commit_now`), a local delivery runs
-        the recipe right here: no task, no thread hand-off, no extra loop iterations."""
+        A local delivery is handed to the committer and answered from its callback, and nothing
+        more of this session is processed meanwhile (``_busy``). When this is the process's
+        only session (:meth:`ServerContext.can_commit_now`), the recipe runs right here instead:
+        no thread hand-off, no loop wake-up. Queued mail and a submission whose header section
+        was too big to hold take the coroutine (:meth:`_on_message`)."""
         spool = self._ready_spool(ev)
         if spool is None:
             return
         txn = self.txn
-        if txn.queued or (self.kind != "smtp" and not txn.headers_added) or not self.ctx.can_commit_now():
+        if txn.queued or (self.kind != "smtp" and not txn.headers_added):
             self.start_task(self._on_message(ev, spool))
             return
         links = self._local_links(spool)
+        if not self.ctx.can_commit_now():
+            self._busy = self._committing = True
+            commit_then(self.ctx.committer, spool, links, functools.partial(self._committed, ev, spool, links))
+            return
         try:
             self.ctx.committer.commit_now(spool, links)
         except Exception as exc:
             self._store_failed(exc)
             return
         self._delivered(ev, spool, links)
+
+    def _committed(self, ev: MessageComplete, spool: SpoolFile, links: list[Path], err: BaseException | None) -> None:
+        """The committer's answer for a local delivery (on the event loop)."""
+        self._busy = self._committing = False
+        self._last_activity = time.monotonic()
+        try:
+            if err is None:
+                self._delivered(ev, spool, links)
+            else:
+                self._store_failed(err)
+        except Exception:  # a bug: as in the pump, log the detail and tell the peer nothing specific
+            log.exception("internal error in session client=%s", self.ip)
+            if not self._closing:
+                self.on_internal_error()
+        if self.after_task():
+            self.pump()
 
     def _ready_spool(self, ev: MessageComplete) -> SpoolFile | None:
         """The message's spool with everything written, or None once the refusal is queued."""
@@ -417,7 +440,7 @@ class SMTPSession(EngineSession):
         else:
             self._delivered(ev, spool, links)
 
-    def _store_failed(self, exc: Exception) -> None:
+    def _store_failed(self, exc: BaseException) -> None:
         log_event(log, "store failed", logging.ERROR, from_=f"<{self.txn.sender or ''}>", client=self.ip, error=repr(exc))
         self._discard()
         assert self.engine is not None

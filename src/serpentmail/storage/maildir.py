@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import os
 import queue
@@ -42,6 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 SUBDIRS = ("tmp", "new", "cur")
 _seq = itertools.count(1)
@@ -239,14 +241,15 @@ _SYNC_FILE_RANGE_WRITE = getattr(os, "SYNC_FILE_RANGE_WRITE", 2)
 class _LoopWaker:
     """Coalesces the committer's "this job is durable" callbacks into one event-loop wake-up per
     batch (one ``call_soon_threadsafe`` instead of one per message: fewer self-pipe writes and
-    thread switches). Used by :func:`commit_async`; results are delivered in order."""
+    thread switches). Used by :func:`commit_async` and :func:`commit_then`; results are
+    delivered in order, each as ``callback(error or None)`` on the loop."""
 
     _instances: dict[int, _LoopWaker] = {}
     _lock = threading.Lock()
 
     def __init__(self, loop: object) -> None:
         self.loop = loop
-        self.pending: list[tuple[object, BaseException | None]] = []
+        self.pending: list[tuple[Callable[[BaseException | None], None], BaseException | None]] = []
 
     @classmethod
     def for_loop(cls, loop: object) -> _LoopWaker:
@@ -260,9 +263,9 @@ class _LoopWaker:
                 waker = cls._instances[id(loop)] = cls(loop)
             return waker
 
-    def add(self, fut: object, err: BaseException | None) -> None:
+    def add(self, callback: Callable[[BaseException | None], None], err: BaseException | None) -> None:
         with self._lock:
-            self.pending.append((fut, err))
+            self.pending.append((callback, err))
 
     @classmethod
     def flush_all(cls) -> None:
@@ -278,14 +281,18 @@ class _LoopWaker:
                     cls._instances.pop(id(w.loop), None)
 
 
-def _settle_all(items: list[tuple[object, BaseException | None]]) -> None:
-    for fut, err in items:
-        if fut.done():  # type: ignore[attr-defined]
-            continue
-        if err is None:
-            fut.set_result(None)  # type: ignore[attr-defined]
-        else:
-            fut.set_exception(err)  # type: ignore[attr-defined]
+def _settle_all(items: list[tuple[Callable[[BaseException | None], None], BaseException | None]]) -> None:
+    for callback, err in items:
+        callback(err)
+
+
+def _settle_future(fut: Any, err: BaseException | None) -> None:
+    if fut.done():
+        return
+    if err is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(err)
 
 
 def _cleanup_failed(job: CommitJob) -> None:
@@ -362,15 +369,24 @@ async def commit_async(committer: Committer, spool: SpoolFile, links: list[Path]
     durable (one wake-up per batch, see :class:`_LoopWaker`)."""
     import asyncio
 
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-    waker = _LoopWaker.for_loop(loop)
+    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    commit_then(committer, spool, links, functools.partial(_settle_future, fut), keep_spool=keep_spool)
+    await fut
+
+
+def commit_then(committer: Committer, spool: SpoolFile, links: list[Path],
+                callback: Callable[[BaseException | None], None], *, keep_spool: bool = False) -> None:
+    """Run the durable recipe for ``spool`` in ``committer``; ``callback(error or None)`` runs
+    on the running event loop once the batch holding the job is durable (or failed). For a
+    caller that needs no coroutine (a session answering once its message is on disk)."""
+    import asyncio
+
+    waker = _LoopWaker.for_loop(asyncio.get_running_loop())
 
     def done(err: BaseException | None) -> None:  # runs in a committer thread
-        waker.add(fut, err)
+        waker.add(callback, err)
 
     committer.submit(CommitJob(spool, links, done, keep_spool=keep_spool))
-    await fut
 
 
 class Recycler:
