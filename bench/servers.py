@@ -172,12 +172,14 @@ class Serpent:
     def new_dir(self) -> Path:
         return self.maildir / "new"
 
-    def start(self) -> None:
+    def start(self, src: Path | None = None) -> None:
+        """Start the server; ``src``: run the code of that checkout's ``src/`` (bench.ab)."""
         logfile = self.root / "serpentmail.log"
         offset = logfile.stat().st_size if logfile.exists() else 0  # the log is appended to
         log = open(self.root / "serve.out", "ab")
+        env = dict(os.environ, PYTHONPATH=str(src)) if src is not None else None
         self.proc = subprocess.Popen([sys.executable, "-m", "serpentmail", "-c", str(self.conf), "serve"],
-                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         log.close()
         try:
             wait_port(self.ip, self.smtp_port)
