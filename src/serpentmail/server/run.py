@@ -150,6 +150,10 @@ class Server:
             # it out of the collector's sight, so full collections walk only what sessions make.
             gc.collect()
             gc.freeze()
+            # A young-generation collection every 20,000 allocations instead of 700: a message
+            # allocates a few thousand objects, nearly all freed by reference counting. A/B at
+            # 10 sessions (8 pairs): CPU per message x0.95, msg/s unchanged.
+            gc.set_threshold(20_000, 10, 10)
         extra = {"worker": f"{self.worker_index + 1}/{self.worker_count}"} if self.worker_count > 1 else {}
         log_event(log, "started", hostname=cfg.hostname, data_dir=str(cfg.data_dir),
                   listeners=" ".join(f"{k}={e}" for k, e in self.bound), **extra)
