@@ -32,6 +32,9 @@ class FakeSMTP:
     chunks: list[bytes] = field(default_factory=list)  # BDAT payloads
     auth_seen: list[tuple[str, str]] = field(default_factory=list)
     connections: int = 0
+    # Answer the end of data only once this many connections have been opened (a test that
+    # needs deliveries to overlap, whatever the scheduling).
+    hold_data_until_connections: int = 0
     _server: asyncio.base_events.Server | None = None
 
     async def start(self) -> FakeSMTP:
@@ -94,6 +97,8 @@ class FakeSMTP:
                     say("354 go ahead")
                     await writer.drain()
                     self.raw_data.append(await reader.readuntil(b"\r\n.\r\n"))
+                    while self.connections < self.hold_data_until_connections:
+                        await asyncio.sleep(0.01)
                     say(self.data_reply)
                 elif verb == "BDAT":
                     parts = arg.split()

@@ -520,7 +520,9 @@ def test_concurrent_deliveries_never_share_a_connection(tmp_path: Path, dns: DNS
     dns.add_a("winview.test", MX[2])
 
     async def run() -> tuple[list[RecipientResult], FakeSMTP]:
-        async with FakeSMTP(MX[2], smtp_port) as fake:
+        # The first message is answered only once all three are connected, so the three
+        # really overlap (a loaded machine could otherwise finish one before the third began).
+        async with FakeSMTP(MX[2], smtp_port, hold_data_until_connections=3) as fake:
             courier = RemoteCourier(sender_config(tmp_path, dns, smtp_port), timeouts=FAST)
             res: list[RecipientResult] = []
             for wave in range(2):
