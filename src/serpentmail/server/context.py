@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("serpentmail.server")
 
 
+class CpuPinLike(Protocol):
+    def update(self, sessions: int) -> None: ...
+
+
 class OutboundQueue(Protocol):
     """Where messages for recipients that are not delivered right away go (the queue issue)."""
 
@@ -106,6 +110,9 @@ class ServerContext:
     sent_per_user: dict[int, list[float]] = field(default_factory=dict)
     # With workers: the other processes' share of the limits (server/peers.py).
     peers: PeerLink | None = None
+    # With workers: keeps this process's event-loop thread on one CPU while it is busy
+    # (server/workers.py, CpuPin).
+    cpu_pin: CpuPinLike | None = None
     # Per-kind protocol settings built once (server/smtp.py make_engine).
     engine_settings: dict[Any, Any] = field(default_factory=dict)
     # Emptied queue files kept for the spool pools (storage/maildir.py, Recycler).

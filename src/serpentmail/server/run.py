@@ -25,6 +25,7 @@ from ..log import log_event
 from ..proto import replies as R
 from ..storage.maildir import Committer, Recycler, clean_tmp
 from .context import ServerContext
+from .cpupin import CpuPin
 from .peers import PeerLink
 from .smtp import SMTPSession
 from .tls import server_context
@@ -119,6 +120,8 @@ class Server:
         recycler = Recycler(cfg.data_dir / "tmp" / "recycled", prefix=f"w{self.worker_index}",
                             share=self.worker_count > 1)
         self.ctx = ServerContext(cfg, accounts, Committer(), tls, recycler=recycler)
+        if self.worker_count > 1:
+            self.ctx.cpu_pin = CpuPin.for_worker(self.worker_index)
         if self.peers is not None:
             self.peers.start(self.ctx)
         try:

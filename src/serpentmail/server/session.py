@@ -105,6 +105,8 @@ class EngineSession(asyncio.Protocol):
             return
         self._admitted = True
         self.ctx.sessions.add(self)
+        if self.ctx.cpu_pin is not None:
+            self.ctx.cpu_pin.update(len(self.ctx.sessions))
         engine = self.make_engine()
         tr.write(engine.greeting())
         self._arm_timer()
@@ -132,6 +134,8 @@ class EngineSession(asyncio.Protocol):
             self._admitted = False
             self.ctx.release(self.ip)
             self.ctx.sessions.discard(self)
+            if self.ctx.cpu_pin is not None:
+                self.ctx.cpu_pin.update(len(self.ctx.sessions))
 
     # --- the pump --------------------------------------------------------------------------
 

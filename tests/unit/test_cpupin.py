@@ -1,0 +1,36 @@
+"""CpuPin: a worker's event-loop thread is kept on its CPU from its second session until idle."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from serpentmail.server.cpupin import CpuPin
+
+
+def test_the_loop_thread_is_pinned_while_busy_and_freed_when_idle() -> None:
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.skip("needs two CPUs")
+    seen: dict[str, set[int]] = {}
+
+    def worker_thread() -> None:  # affinity is per thread: leave the test runner's alone
+        pin = CpuPin.for_worker(1)
+        assert pin is not None
+        for label, sessions in (("lone", 1), ("busy", 2), ("busier", 7), ("back to one", 1), ("idle", 0)):
+            pin.update(sessions)
+            seen[label] = os.sched_getaffinity(0)
+
+    t = threading.Thread(target=worker_thread)
+    t.start()
+    t.join()
+    mine = {sorted(allowed)[1]}  # worker index 1 -> the second allowed CPU
+    assert seen == {"lone": allowed, "busy": mine, "busier": mine, "back to one": mine, "idle": allowed}
+    assert os.sched_getaffinity(0) == allowed  # the calling thread only
+
+
+def test_nothing_to_pin_on_one_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert CpuPin.for_worker(0) is None
