@@ -436,15 +436,21 @@ class Recycler:
         envelope is gone); otherwise it is emptied right after. Raises like ``os.unlink``
         (``FileNotFoundError`` when ``path`` is already gone)."""
         held = len(self._free)
-        if held >= self.limit:
+        # A file with a second name (a hard link) is not only ours: it is never emptied here.
+        if held >= self.limit or os.stat(path).st_nlink != 1:
             os.unlink(path)
             return
         target = self._private_name()
         if empty_first:
             os.truncate(path, 0)
+        try:
             os.rename(path, target)
-        else:
-            os.rename(path, target)
+        except OSError:
+            if not os.path.lexists(path):
+                raise  # gone meanwhile: FileNotFoundError, as os.unlink would say
+            os.unlink(path)  # our directory is unusable (removed by hand?): delete as before
+            return
+        if not empty_first:
             try:
                 os.truncate(target, 0)
             except OSError:
