@@ -34,3 +34,20 @@ def test_the_loop_thread_is_pinned_while_busy_and_freed_when_idle() -> None:
 def test_nothing_to_pin_on_one_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
     assert CpuPin.for_worker(0) is None
+
+
+def test_a_refused_pin_is_not_an_error_and_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[set[int]] = []
+
+    def refuse(pid: int, cpus: set[int]) -> None:
+        calls.append(cpus)
+        raise PermissionError("cpuset changed")
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(os, "sched_setaffinity", refuse)
+    pin = CpuPin.for_worker(0)
+    assert pin is not None
+    pin.update(3)  # a session is being admitted: it must not fail because of this
+    pin.update(0)
+    pin.update(4)
+    assert calls == [{0}] and not pin.pinned

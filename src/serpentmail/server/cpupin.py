@@ -24,6 +24,7 @@ class CpuPin:
         self.cpu = cpu
         self.allowed = allowed
         self.pinned = False
+        self.failed = False
 
     @classmethod
     def for_worker(cls, index: int) -> CpuPin | None:
@@ -36,6 +37,8 @@ class CpuPin:
         return cls(sorted(allowed)[index % len(allowed)], set(allowed))
 
     def update(self, sessions: int) -> None:
+        if self.failed:
+            return
         try:
             if sessions >= 2 and not self.pinned:
                 os.sched_setaffinity(0, {self.cpu})
@@ -45,4 +48,4 @@ class CpuPin:
                 self.pinned = False
         except OSError:  # not allowed here (a container's cpuset changed): stop trying
             self.pinned = False
-            self.update = lambda sessions: None  # type: ignore[method-assign]
+            self.failed = True
