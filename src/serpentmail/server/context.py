@@ -111,7 +111,7 @@ class ServerContext:
     # With workers: the other processes' share of the limits (server/peers.py).
     peers: PeerLink | None = None
     # With workers: keeps this process's event-loop thread on one CPU while it is busy
-    # (server/workers.py, CpuPin).
+    # (server/cpupin.py).
     cpu_pin: CpuPinLike | None = None
     # Per-kind protocol settings built once (server/smtp.py make_engine).
     engine_settings: dict[Any, Any] = field(default_factory=dict)
