@@ -97,6 +97,10 @@ class Scheduler:
         self._reset: set[str] = set()  # `queue retry`: restart the backoff schedule
         self._active: dict[str, asyncio.Task[None]] = {}
         self._reserved: Counter[str] = Counter()  # courier calls per domain, launched or queued
+        # Due items whose every domain had all its slots taken, parked (a heap per domain)
+        # until a slot of that domain frees: a backlog for one busy domain is not walked again
+        # at every dispatch (see _dispatch).
+        self._parked: dict[str, list[tuple[float, str]]] = {}
         self._domain_sems: dict[str, asyncio.Semaphore] = {}
         self._global_sem: asyncio.Semaphore | None = None
         self._wake: asyncio.Event | None = None
@@ -347,14 +351,19 @@ class Scheduler:
         return bool(domains) and all(self._reserved[d] >= per for d in domains)
 
     def _dispatch(self) -> int:
-        """Start due items while there are free slots. Returns how many were started."""
+        """Start due items while there are free slots. Returns how many were started.
+
+        A due item whose domains are all saturated is parked under each of them and leaves
+        the heap; :meth:`_release` puts the earliest parked item of a domain back when one of
+        its slots frees. So the cost of a dispatch does not grow with the backlog waiting for
+        a busy domain (it used to pop and push back up to 1,000 such items at every wake-up,
+        which is once per finished delivery)."""
         if self._stopping:
             return 0
         now = self.clock()
         limit = max(1, self.delivery.max_concurrency)
         started = 0
-        skipped: list[tuple[float, str]] = []
-        while self._heap and len(self._active) < limit and len(skipped) < 1000:
+        while self._heap and len(self._active) < limit:
             due, qid = self._heap[0]
             if due > now:
                 break
@@ -363,7 +372,8 @@ class Scheduler:
             if entry is None or entry.due != due or qid in self._active:
                 continue  # stale heap entry
             if self._saturated(entry.domains):
-                skipped.append((due, qid))  # wait for a slot of that domain
+                for d in entry.domains:  # wait for a slot of any of them
+                    heapq.heappush(self._parked.setdefault(d, []), (due, qid))
                 continue
             del self._index[qid]
             for d in entry.domains:
@@ -371,9 +381,21 @@ class Scheduler:
             task = asyncio.create_task(self._process(qid, entry.domains), name=f"deliver-{qid}")
             self._active[qid] = task
             started += 1
-        for item in skipped:
-            heapq.heappush(self._heap, item)
         return started
+
+    def _unpark(self, domain: str) -> None:
+        """A slot of ``domain`` freed: its earliest parked item that is still waiting goes
+        back on the heap (copies parked under other domains, or left by a reschedule, are
+        stale and skipped here or by _dispatch)."""
+        parked = self._parked.get(domain)
+        while parked:
+            due, qid = heapq.heappop(parked)
+            entry = self._index.get(qid)
+            if entry is not None and entry.due == due and qid not in self._active:
+                heapq.heappush(self._heap, (due, qid))
+                break
+        if not parked:
+            self._parked.pop(domain, None)
 
     # --- one pass over one message -------------------------------------------------------
 
@@ -402,6 +424,7 @@ class Scheduler:
 
     def _release(self, domain: str) -> None:
         self._reserved[domain] -= 1
+        self._unpark(domain)
         if self._reserved[domain] <= 0:
             del self._reserved[domain]
             sem = self._domain_sems.get(domain)
