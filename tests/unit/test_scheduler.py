@@ -530,7 +530,7 @@ def test_items_another_worker_queued_are_adopted_from_notices_or_the_scan(tmp_pa
 
     clock = Clock()
     courier = FakeCourier()
-    sched, store = make(tmp_path, courier, clock)
+    sched, store = _spy(tmp_path, courier, clock)
     other = QueueStore(tmp_path, clock=clock)  # the other process's view of the same spool
     r, w = os.pipe()
     os.set_blocking(r, False)
@@ -556,4 +556,5 @@ def test_items_another_worker_queued_are_adopted_from_notices_or_the_scan(tmp_pa
     assert [c[0] for c in courier.calls] == [told, lost]
     assert courier.calls[0][3] == b"Subject: one\r\n\r\nfirst\r\n"
     assert list(store.ids()) == []  # both delivered and removed, each once
+    assert store.loads == 2  # each envelope read once: at adoption, not again for its first pass
     assert sched.adopt(told) is False  # gone: a late notice does nothing

@@ -170,6 +170,7 @@ class Scheduler:
             return False
         if rec is None or not self.store.data_path(qid).exists():  # the envelope was just read
             return False
+        self._remember(rec)  # its first pass uses it instead of reading the file again
         self._index_record(rec, force=True)
         return True
 
