@@ -132,6 +132,57 @@ def test_two_workers_store_every_message_and_stop_together_on_sigterm(tmp_path: 
     assert "Traceback" not in log
 
 
+def _pids(files: list[Path]) -> set[str]:
+    """The worker process ids in Maildir file names (``<time>.M<usec>P<pid>Q<n>.<host>``)."""
+    return {f.name.split("P", 1)[1].split("Q", 1)[0] for f in files}
+
+
+def test_one_client_at_a_time_is_served_by_one_worker_and_a_busy_server_by_all(tmp_path: Path) -> None:
+    """server/steering.py: connections one after the other all go to the same worker (with
+    the kernel's hash, 20 would land on both); with three held open, new ones are spread."""
+    conf, ports = _conf(tmp_path, workers=2)
+    new = _maildir(tmp_path)
+
+    def send(tag: str, n: int) -> list[Path]:
+        before = set(new.iterdir()) if new.exists() else set()
+        for i in range(n):
+            with smtplib.SMTP(HOST, ports["smtp"], timeout=10) as s:
+                s.sendmail("x@else.test", ["bill@w.test"], f"Subject: {tag} {i}\r\n\r\nx\r\n".encode())
+        return sorted(set(new.iterdir()) - before)
+
+    with serve(conf, ports, 2):
+        # Until the last worker has started, the kernel's hash still decides.
+        _wait(lambda: (tmp_path / "serve.log").read_text().count("serpentmail.server: started") >= 2)
+        alone = send("alone", 20)
+        assert len(alone) == 20 and len(_pids(alone)) == 1
+        held = [smtplib.SMTP(HOST, ports["smtp"], timeout=10) for _ in range(3)]
+        try:
+            for h in held:
+                h.ehlo()
+            busy = send("busy", 30)
+            assert len(busy) == 30 and len(_pids(busy)) == 2
+        finally:
+            for h in held:
+                h.quit()
+        time.sleep(0.3)  # the server sees the three closes
+        again = send("again", 12)
+        assert len(again) == 12 and _pids(again) == _pids(alone)
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
+def test_a_killed_steering_worker_is_replaced_and_mail_keeps_flowing(tmp_path: Path) -> None:
+    conf, ports = _conf(tmp_path, workers=2)
+    with serve(conf, ports, 2) as proc:
+        victim = max(_children(proc.pid))  # the last worker forked: the one steering
+        os.kill(victim, signal.SIGKILL)
+        _wait(lambda: victim not in _children(proc.pid) and len(_children(proc.pid)) == 2)
+        for i in range(10):
+            with smtplib.SMTP(HOST, ports["smtp"], timeout=10) as s:
+                s.sendmail("x@else.test", ["bill@w.test"], f"Subject: after {i}\r\n\r\nx\r\n".encode())
+        assert _count(_maildir(tmp_path)) == 10
+    assert "worker died, restarting" in (tmp_path / "serve.log").read_text()
+
+
 def test_a_killed_worker_is_replaced_and_mail_keeps_flowing(tmp_path: Path) -> None:
     conf, ports = _conf(tmp_path, workers=2)
     with serve(conf, ports, 2) as proc:

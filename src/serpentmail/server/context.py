@@ -40,6 +40,12 @@ class CpuPinLike(Protocol):
     def update(self, sessions: int) -> None: ...
 
 
+class SteeringLike(Protocol):
+    def update(self, connections: int) -> None: ...
+
+    def release(self) -> None: ...
+
+
 class OutboundQueue(Protocol):
     """Where messages for recipients that are not delivered right away go (the queue issue)."""
 
@@ -113,6 +119,9 @@ class ServerContext:
     # With workers: keeps this process's event-loop thread on one CPU while it is busy
     # (server/cpupin.py).
     cpu_pin: CpuPinLike | None = None
+    # With workers, in the last one: sends new connections to it alone while the server is
+    # nearly idle (server/steering.py).
+    steering: SteeringLike | None = None
     # Per-kind protocol settings built once (server/smtp.py make_engine).
     engine_settings: dict[Any, Any] = field(default_factory=dict)
     # Emptied queue files kept for the spool pools (storage/maildir.py, Recycler).

@@ -28,6 +28,7 @@ from .context import ServerContext
 from .cpupin import CpuPin
 from .peers import PeerLink
 from .smtp import SMTPSession
+from .steering import Steering
 from .tls import server_context
 
 log = logging.getLogger("serpentmail.server")
@@ -122,6 +123,12 @@ class Server:
         self.ctx = ServerContext(cfg, accounts, Committer(), tls, recycler=recycler)
         if self.worker_count > 1:
             self.ctx.cpu_pin = CpuPin.for_worker(self.worker_index)
+        steering_socks: list[socket.socket] = []
+        if self.prebound is not None and self.worker_count > 1 and self.worker_index == self.worker_count - 1:
+            # Its own copy of every listening socket (one per endpoint and address family),
+            # duplicated before the event loop takes the originals over.
+            steering_socks = [socket.socket(fileno=os.dup(sock.fileno()))
+                              for socks in self.prebound.values() for sock in socks]
         if self.peers is not None:
             self.peers.start(self.ctx)
         try:
@@ -139,6 +146,9 @@ class Server:
         except OSError as exc:
             await self.stop()
             raise StartupError(f"cannot listen: {exc.strerror or exc}") from exc
+        if steering_socks and self.peers is not None:
+            self.ctx.steering = Steering(steering_socks, self.worker_index, self.worker_count)
+            self.ctx.steering.update(self.peers.connections())
         if on_bound is not None:
             on_bound(self)
         if cfg.user and os.geteuid() == 0:
@@ -162,6 +172,10 @@ class Server:
                   listeners=" ".join(f"{k}={e}" for k, e in self.bound), **extra)
 
     async def stop(self, grace: float = 30.0) -> None:
+        if self.ctx is not None and self.ctx.steering is not None:
+            # Connections arriving while this worker stops are not all left to it.
+            self.ctx.steering.release()
+            self.ctx.steering = None
         for servers in self.listeners.values():
             for srv in servers:
                 srv.close()

@@ -107,6 +107,8 @@ class EngineSession(asyncio.Protocol):
         self.ctx.sessions.add(self)
         if self.ctx.cpu_pin is not None:
             self.ctx.cpu_pin.update(len(self.ctx.sessions))
+        if self.ctx.steering is not None and self.ctx.peers is not None:
+            self.ctx.steering.update(self.ctx.peers.connections())
         engine = self.make_engine()
         tr.write(engine.greeting())
         self._arm_timer()
@@ -136,6 +138,8 @@ class EngineSession(asyncio.Protocol):
             self.ctx.sessions.discard(self)
             if self.ctx.cpu_pin is not None:
                 self.ctx.cpu_pin.update(len(self.ctx.sessions))
+            if self.ctx.steering is not None and self.ctx.peers is not None:
+                self.ctx.steering.update(self.ctx.peers.connections())
 
     # --- the pump --------------------------------------------------------------------------
 

@@ -12,7 +12,8 @@ are:
    and then drops privileges when ``user`` is set.
 3. It forks N workers. Each runs the ordinary :class:`Server` on its own inherited sockets
    (SO_REUSEPORT, one per worker and endpoint): the kernel hands each new connection to one
-   worker, and only that one wakes.
+   worker, and only that one wakes. Which one: server/steering.py (the last worker takes
+   them all while the server is nearly idle; they are spread once it is busy).
 4. Worker 1 (the primary) also runs the queue scheduler. The others commit queue items
    exactly as it would and write the item's id to a pipe the primary reads
    (``queue/service.py``: ``QueueForwarder``); the primary also scans the spool every 30 s
@@ -53,6 +54,7 @@ from .run import (
     install_event_loop_policy,
     prepare_data_dir,
 )
+from .steering import spread_all
 from .tls import server_context
 
 log = logging.getLogger("serpentmail.server")
@@ -255,6 +257,10 @@ class Supervisor:
 
     def _handle_exit(self, index: int, code: int) -> None:
         now = time.monotonic()
+        if index == self.count - 1:
+            # The steering worker (server/steering.py) may have left every new connection to
+            # itself: spread them until its successor is ready.
+            spread_all([sock for socks in self.prebound[index].values() for sock in socks], self.count)
         if code == EXIT_STARTUP:
             self.failure = f"worker {index + 1} could not start (see the log)"
             self._signal(signal.SIGTERM, None)
