@@ -140,6 +140,17 @@ def test_bdat_over_the_wire(server: tuple[Config, ServerThread]) -> None:
     assert maildir_files(cfg, BILL)[0].read_bytes().endswith(chunk1 + chunk2)
 
 
+def test_one_recipient_message_has_one_name_and_no_temp_file_left(server: tuple[Config, ServerThread]) -> None:
+    cfg, srv = server
+    with connect(srv) as c:
+        for i in range(3):
+            c.sendmail("a@b.test", [BILL], f"Subject: {i}\r\n\r\nalone\r\n".encode())
+    files = maildir_files(cfg, BILL)
+    assert len(files) == 3 and all(f.stat().st_nlink == 1 for f in files)  # renamed, not linked
+    names = {f.name.split(",", 1)[0] for f in files}
+    assert not [p for p in (cfg.data_dir / "tmp").rglob("*") if p.name.split(",", 1)[0] in names]
+
+
 def test_several_recipients_share_one_write(tmp_path: Path) -> None:
     cfg = cfg_for(tmp_path)
     for a in ("ann@winview.test", "carl@other.test"):

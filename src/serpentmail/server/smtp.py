@@ -354,12 +354,16 @@ class SMTPSession(EngineSession):
             self.start_task(self._on_message(ev, spool))
             return
         links = self._local_links(spool)
+        # One mailbox: the temp file is renamed into new/ (one call) rather than linked there
+        # and then unlinked from tmp/; several: linked into each (Maildir's own recipe).
+        single = len(links) == 1
         if not self.ctx.can_commit_now():
             self._busy = self._committing = True
-            commit_then(self.ctx.committer, spool, links, functools.partial(self._committed, ev, spool, links))
+            commit_then(self.ctx.committer, spool, links, functools.partial(self._committed, ev, spool, links),
+                        keep_spool=single)
             return
         try:
-            self.ctx.committer.commit_now(spool, links)
+            self.ctx.committer.commit_now(spool, links, keep_spool=single)
         except Exception as exc:
             self._store_failed(exc)
             return
