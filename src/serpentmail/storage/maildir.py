@@ -190,16 +190,6 @@ class Committer:
     def _commit(self, batch: list[CommitJob], *, wake: bool = True) -> None:
         errors: dict[int, BaseException] = {}
         dirs: dict[Path, None] = {}
-        if len(batch) > 1 and _sync_file_range is not None:
-            # Start writeback of every file first, so the filesystem allocates them all in one
-            # journal transaction and the fsyncs below mostly find their data already on its
-            # way: one journal commit per batch instead of one per file. Durability still comes
-            # from each file's own fsync below.
-            for job in batch:
-                try:
-                    _sync_file_range(job.spool.fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
-                except OSError:
-                    pass
         for i, job in enumerate(batch):
             spool = job.spool
             try:
@@ -234,8 +224,6 @@ class Committer:
             _LoopWaker.flush_all()
 
 
-_sync_file_range = getattr(os, "sync_file_range", None)
-_SYNC_FILE_RANGE_WRITE = getattr(os, "SYNC_FILE_RANGE_WRITE", 2)
 
 
 class _LoopWaker:
