@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     Serpent.workers = args.workers
     names = args.only or (QUICK if args.quick else ORDER)
     started = time.monotonic()
+    cpu_at_start = report.cpu_times()
     # SIGTERM unwinds like Ctrl-C, so the private Postfix/Dovecot/serpentmail are stopped.
     signal.signal(signal.SIGTERM, _interrupt)
     nofile = raise_nofile(65536)
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     has_chart = report.chart(rows, png)
     text = report.markdown(rows, title=f"serpentmail benchmark {stamp}" + (" (quick)" if args.quick else ""),
                            command=command, reps=args.reps, elapsed=elapsed,
-                           setup=f"serpentmail `workers = {args.workers}` ({_cpus()} CPUs)")
+                           setup=f"serpentmail `workers = {args.workers}` ({_cpus()} CPUs)",
+                           load=report.load_note(cpu_at_start, report.cpu_times()))
     if has_chart:
         shutil.copyfile(png, args.out / "latest.png")
         text += f"\n![throughput]({png.name})\n"

@@ -65,14 +65,41 @@ def versions() -> str:
     return ", ".join(out)
 
 
-def markdown(rows: Sequence[Row], *, title: str, command: str, reps: int, elapsed: float, setup: str = "") -> str:
+def cpu_times() -> list[int] | None:
+    """The machine's CPU time counters (``/proc/stat``, jiffies), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    return [int(x) for x in fields[1:9]] if fields and fields[0] == "cpu" else None
+
+
+def load_note(before: list[int] | None, after: list[int] | None) -> str:
+    """Where the machine's CPU time went during the run: busy, idle, and stolen by the
+    hypervisor for other guests (a slow window shows as steal, and it slows both sides)."""
+    if before is None or after is None:
+        return ""
+    d = [b - a for a, b in zip(before, after, strict=True)]
+    total = sum(d)
+    if total <= 0:
+        return ""
+    user, nice, system, idle, iowait, irq, softirq, steal = d
+    busy = user + nice + system + irq + softirq
+    return (f"CPU time during the run: {100 * busy / total:.0f}% busy, {100 * (idle + iowait) / total:.0f}% idle, "
+            f"{100 * steal / total:.1f}% stolen by the hypervisor")
+
+
+def markdown(rows: Sequence[Row], *, title: str, command: str, reps: int, elapsed: float, setup: str = "",
+             load: str = "") -> str:
     lines = [f"# {title}", "",
              f"- command: `{command}`",
              f"- machine: {machine()}",
              f"- software: {versions()}" + (f"; {setup}" if setup else ""),
              f"- {reps} repetitions, serpentmail and the peer alternately (A B A B …); "
              "median **bold** (min–max); ratio = serpentmail ÷ peer within each repetition",
-             f"- wall time {elapsed:.0f} s; other work shares this machine, so compare ratios, not absolute figures",
+             f"- wall time {elapsed:.0f} s; other work shares this machine, so compare ratios, not absolute figures"
+             + (f"; {load}" if load else ""),
              "", "| scenario | configuration | unit | serpentmail | peer | ratio (serpentmail/peer) | goal | notes |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
