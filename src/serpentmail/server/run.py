@@ -123,12 +123,14 @@ class Server:
         self.ctx = ServerContext(cfg, accounts, Committer(), tls, recycler=recycler)
         if self.worker_count > 1:
             self.ctx.cpu_pin = CpuPin.for_worker(self.worker_index)
-        steering_socks: list[socket.socket] = []
-        if self.prebound is not None and self.worker_count > 1 and self.worker_index == self.worker_count - 1:
+        steering: Steering | None = None
+        if (self.prebound is not None and self.peers is not None and self.worker_count > 1
+                and self.worker_index == self.worker_count - 1):
             # Its own copy of every listening socket (one per endpoint and address family),
             # duplicated before the event loop takes the originals over.
-            steering_socks = [socket.socket(fileno=os.dup(sock.fileno()))
-                              for socks in self.prebound.values() for sock in socks]
+            steering = Steering([socket.socket(fileno=os.dup(sock.fileno()))
+                                 for socks in self.prebound.values() for sock in socks],
+                                self.worker_index, self.worker_count)
         if self.peers is not None:
             self.peers.start(self.ctx)
         try:
@@ -144,11 +146,13 @@ class Server:
                 if servers:
                     self.listeners[name] = servers
         except OSError as exc:
+            if steering is not None:
+                steering.release()
             await self.stop()
             raise StartupError(f"cannot listen: {exc.strerror or exc}") from exc
-        if steering_socks and self.peers is not None:
-            self.ctx.steering = Steering(steering_socks, self.worker_index, self.worker_count)
-            self.ctx.steering.update(self.peers.connections())
+        if steering is not None and self.peers is not None:
+            self.ctx.steering = steering
+            steering.update(self.peers.connections())
         if on_bound is not None:
             on_bound(self)
         if cfg.user and os.geteuid() == 0:
