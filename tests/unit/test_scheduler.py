@@ -325,6 +325,38 @@ def test_a_backlog_for_a_busy_domain_does_not_hold_up_other_domains(tmp_path: Pa
     assert len(sched) == 0
 
 
+def test_parked_items_flushed_meanwhile_are_delivered_once_each(tmp_path: Path) -> None:
+    """Items waiting for a busy domain's slot, then flushed (``queue flush``: rescheduled, so
+    their parked copies are stale), are each delivered exactly once when the slot frees."""
+    clock = Clock()
+    gate = asyncio.Event()
+    delivered: list[str] = []
+
+    class Gated:
+        async def deliver(self, envelope: Envelope, recipients: list[str]) -> list[RecipientResult]:
+            await gate.wait()
+            delivered.extend(recipients)
+            return [RecipientResult(r, "delivered", "250 ok") for r in recipients]
+
+    sched, store = make(tmp_path, Gated(), clock, max_concurrency=10, max_per_domain=1)
+
+    async def go() -> None:
+        await sched.load()
+        for i in range(4):
+            qid = put(store, "bill@home.test", [f"u{i}@busy.test"])
+            sched._schedule(qid, T0 - 10 + i, frozenset({"busy.test"}))
+        assert sched._dispatch() == 1  # one slot: the other three are parked
+        clock.now += 5
+        assert sched.flush() == 3  # the three waiting ones
+        assert sched._dispatch() == 0  # still no slot: parked again under their new times
+        gate.set()
+        await sched.run_once()
+
+    asyncio.run(go())
+    assert sorted(delivered) == [f"u{i}@busy.test" for i in range(4)]
+    assert list(store.ids()) == []
+
+
 def test_flush_and_retry_requests(tmp_path: Path) -> None:
     clock = Clock()
     courier = FakeCourier({"x@far.test": "deferred"})
