@@ -4,13 +4,14 @@ The one durable-write recipe of the project (qmail's Maildir, and the queue uses
 
 1. write the content to a temp file on the same filesystem (``data_dir/tmp``);
 2. fsync the file;
-3. hard-link it into place (each recipient's ``new/`` under its final name);
+3. hard-link it into place (each recipient's ``new/`` under its final name), or rename it
+   there when it has a single destination (``keep_spool``: one call instead of two);
 4. fsync every directory that gained an entry;
-5. only then acknowledge (the SMTP 250), and unlink the temp name.
+5. only then acknowledge (the SMTP 250), and unlink the temp name if it was linked.
 
 A crash before step 4 can leave a file in ``tmp/`` (cleaned at start) but never a partial file
-in ``new/``: the link only happens after the content is on disk. A message for several local
-mailboxes is written once and hard-linked N times.
+in ``new/``: the link or rename only happens after the content is on disk. A message for
+several local mailboxes is written once and hard-linked N times.
 
 Steps 2-4 run in :class:`Committer` threads. Jobs that arrive while a batch is being synced
 wait for the next batch, so concurrent sessions share directory fsyncs (group commit); every
@@ -222,8 +223,6 @@ class Committer:
             job.on_done(err)
         if wake:
             _LoopWaker.flush_all()
-
-
 
 
 class _LoopWaker:
