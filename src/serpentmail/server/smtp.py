@@ -433,7 +433,7 @@ class SMTPSession(EngineSession):
                 txn.spool = None
             else:
                 links = self._local_links(spool)
-                await self.ctx.commit(spool, links)
+                await self.ctx.commit(spool, links, keep_spool=len(links) == 1)
         except Exception as exc:
             self._store_failed(exc)
             return
