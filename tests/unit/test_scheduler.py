@@ -284,22 +284,30 @@ def test_concurrency_limits_total_and_per_domain(tmp_path: Path) -> None:
     assert list(store.ids()) == []
 
 
+class GatedCourier:
+    """Delivers every recipient; those of ``domain`` only once ``gate`` is set. Records the
+    recipients it delivered, in order."""
+
+    def __init__(self, domain: str) -> None:
+        self.domain = domain
+        self.gate = asyncio.Event()
+        self.delivered: list[str] = []
+
+    async def deliver(self, envelope: Envelope, recipients: list[str]) -> list[RecipientResult]:
+        if recipients[0].endswith("@" + self.domain):
+            await self.gate.wait()
+        self.delivered.extend(recipients)
+        return [RecipientResult(r, "delivered", "250 ok") for r in recipients]
+
+
 def test_a_backlog_for_a_busy_domain_does_not_hold_up_other_domains(tmp_path: Path) -> None:
     """1,500 due items wait for the only slot of busy.test; an item for idle.test, due after
     all of them, is still started at the first dispatch and delivered while busy.test is
     blocked (the waiting items are parked, not rescanned: the old scan gave up after 1,000)."""
     clock = Clock()
-    gate = asyncio.Event()
-    delivered: list[str] = []
-
-    class Gated:
-        async def deliver(self, envelope: Envelope, recipients: list[str]) -> list[RecipientResult]:
-            if recipients[0].endswith("@busy.test"):
-                await gate.wait()
-            delivered.extend(recipients)
-            return [RecipientResult(r, "delivered", "250 ok") for r in recipients]
-
-    sched, store = make(tmp_path, Gated(), clock, max_concurrency=10, max_per_domain=1)
+    courier = GatedCourier("busy.test")
+    gate, delivered = courier.gate, courier.delivered
+    sched, store = make(tmp_path, courier, clock, max_concurrency=10, max_per_domain=1)
 
     async def go() -> None:
         await sched.load()
@@ -329,16 +337,9 @@ def test_parked_items_flushed_meanwhile_are_delivered_once_each(tmp_path: Path) 
     """Items waiting for a busy domain's slot, then flushed (``queue flush``: rescheduled, so
     their parked copies are stale), are each delivered exactly once when the slot frees."""
     clock = Clock()
-    gate = asyncio.Event()
-    delivered: list[str] = []
-
-    class Gated:
-        async def deliver(self, envelope: Envelope, recipients: list[str]) -> list[RecipientResult]:
-            await gate.wait()
-            delivered.extend(recipients)
-            return [RecipientResult(r, "delivered", "250 ok") for r in recipients]
-
-    sched, store = make(tmp_path, Gated(), clock, max_concurrency=10, max_per_domain=1)
+    courier = GatedCourier("busy.test")
+    gate, delivered = courier.gate, courier.delivered
+    sched, store = make(tmp_path, courier, clock, max_concurrency=10, max_per_domain=1)
 
     async def go() -> None:
         await sched.load()
