@@ -118,6 +118,9 @@ class Config:
     user: str = ""  # drop privileges to this user after binding (when run as root)
     # Server processes sharing the listeners (see server/workers.py); 1 = one process.
     workers: int = 1
+    # Local deliveries made durable through the delivery journal (storage/journal.py): one
+    # flush before the 250 instead of two. False: the plain Maildir recipe for every message.
+    journal: bool = True
     default_domains: tuple[str, ...] = ()  # domains created at start (embedded default: localhost)
     source: Path | None = None
 
@@ -218,6 +221,12 @@ def _port(value: object) -> int:
 def _str(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
     return value
 
 
@@ -355,6 +364,7 @@ def from_dict(raw: dict[str, Any], *, path: Path | None = None, text: str = "") 
     data_dir = Path("/var/lib/serpentmail")
     user = ""
     workers = 1
+    journal = True
     default_domains: tuple[str, ...] = ()
     listeners: dict[str, Listener] = {
         name: Listener((Endpoint("0.0.0.0", port),)) for name, port in _DEFAULT_PORTS.items()
@@ -375,6 +385,8 @@ def from_dict(raw: dict[str, Any], *, path: Path | None = None, text: str = "") 
                 user = _str(value)
             elif key == "workers":
                 workers = parse_workers(value)
+            elif key == "journal":
+                journal = _bool(value)
             elif key == "domains":
                 default_domains = _list(_str)(value)
             elif key in _LISTENERS:
@@ -420,6 +432,7 @@ def from_dict(raw: dict[str, Any], *, path: Path | None = None, text: str = "") 
         pop3s=listeners["pop3s"],
         tls=tls,
         workers=workers,
+        journal=journal,
         dns=sections.get("dns", DNSConfig()),
         delivery=sections.get("delivery", DeliveryConfig()),
         limits=sections.get("limits", LimitsConfig()),

@@ -67,6 +67,11 @@ def test_every_key_has_a_default(tmp_path: Path) -> None:
     assert cfg.submission.listen == (Endpoint("0.0.0.0", 587),)
     assert cfg.limits.max_recipients == 100
     assert cfg.hostname
+    assert cfg.journal is True
+
+
+def test_journal_can_be_turned_off(tmp_path: Path) -> None:
+    assert load(write(tmp_path, "journal = false\n")).journal is False
 
 
 def test_empty_listen_list_turns_a_listener_off(tmp_path: Path) -> None:
@@ -153,6 +158,7 @@ ERRORS = [
     ('[tls]\ncert = "/x.pem"\n', "tls.key", None),
     ('[dns]\nnameservers = "1.1.1.1"\n', "dns.nameservers", 2),
     ('[delivery]\nport = 70000\n', "delivery.port", 2),
+    ('workers = 1\njournal = "yes"\n', "journal", 2),
 ]
 
 

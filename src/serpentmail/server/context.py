@@ -193,9 +193,11 @@ class ServerContext:
         no batch to share and no other client to keep waiting for the fsyncs."""
         return len(self.sessions) <= 1 and self.committer.idle()
 
-    async def commit(self, job_spool: SpoolFile, links: list[Path], *, keep_spool: bool = False) -> None:
-        """Run the durable recipe for ``job_spool`` in the committer; raise on failure."""
-        await commit_async(self.committer, job_spool, links, keep_spool=keep_spool)
+    async def commit(self, job_spool: SpoolFile, links: list[Path], *, keep_spool: bool = False,
+                     journal: bool = False) -> None:
+        """Run the durable recipe for ``job_spool`` in the committer; raise on failure.
+        ``journal``: a local delivery, which may go through the delivery journal."""
+        await commit_async(self.committer, job_spool, links, keep_spool=keep_spool, journal=journal)
 
     async def check_password(self, username: str, password: str, ip: str, service: str) -> User | None:
         """Verify a login off the event loop, with the failure delay and throttle applied."""

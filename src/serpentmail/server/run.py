@@ -23,6 +23,7 @@ from ..accounts.db import AccountDB
 from ..config import Config, Endpoint
 from ..log import log_event
 from ..proto import replies as R
+from ..storage.journal import Journal, replay_all
 from ..storage.maildir import Committer, Recycler, clean_tmp
 from .context import ServerContext
 from .cpupin import CpuPin
@@ -57,6 +58,8 @@ def prepare_data_dir(cfg: Config) -> None:
     clean_tmp(cfg.data_dir / "tmp")
     clean_tmp(cfg.data_dir / "tmp" / "spare")
     clean_tmp(cfg.data_dir / "tmp" / "recycled")
+    # Before anything can read a mailbox: what a crash left half-placed is made whole.
+    replay_all(cfg.data_dir)
     if cfg.default_domains:
         accounts = AccountDB(cfg.db_path)
         try:
@@ -120,7 +123,13 @@ class Server:
                 raise StartupError(f"cannot load TLS certificate: {exc}") from exc
         recycler = Recycler(cfg.data_dir / "tmp" / "recycled", prefix=f"w{self.worker_index}",
                             share=self.worker_count > 1)
-        self.ctx = ServerContext(cfg, accounts, Committer(), tls, recycler=recycler)
+        journal = None
+        if cfg.journal:
+            try:
+                journal = Journal(cfg.data_dir / "journal" / f"w{self.worker_index}.log", cfg.data_dir)
+            except (OSError, ValueError) as exc:
+                raise StartupError(f"cannot open the delivery journal: {exc}") from exc
+        self.ctx = ServerContext(cfg, accounts, Committer(journal=journal), tls, recycler=recycler)
         if self.worker_count > 1:
             self.ctx.cpu_pin = CpuPin.for_worker(self.worker_index)
         steering: Steering | None = None

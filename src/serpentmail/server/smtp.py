@@ -360,10 +360,10 @@ class SMTPSession(EngineSession):
         if not self.ctx.can_commit_now():
             self._busy = self._committing = True
             commit_then(self.ctx.committer, spool, links, functools.partial(self._committed, ev, spool, links),
-                        keep_spool=single)
+                        keep_spool=single, journal=True)
             return
         try:
-            self.ctx.committer.commit_now(spool, links, keep_spool=single)
+            self.ctx.committer.commit_now(spool, links, keep_spool=single, journal=True)
         except Exception as exc:
             self._store_failed(exc)
             return
@@ -433,7 +433,7 @@ class SMTPSession(EngineSession):
                 txn.spool = None
             else:
                 links = self._local_links(spool)
-                await self.ctx.commit(spool, links, keep_spool=len(links) == 1)
+                await self.ctx.commit(spool, links, keep_spool=len(links) == 1, journal=True)
         except Exception as exc:
             self._store_failed(exc)
             return

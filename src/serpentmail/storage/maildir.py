@@ -36,6 +36,7 @@ import collections
 import contextlib
 import functools
 import itertools
+import logging
 import os
 import queue
 import socket
@@ -45,6 +46,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .journal import CHECKPOINT_SECONDS, Entry, Journal, JournalFull
+
+log = logging.getLogger(__name__)
 
 SUBDIRS = ("tmp", "new", "cur")
 _seq = itertools.count(1)
@@ -87,7 +92,7 @@ class SpoolFile:
     def __init__(self, tmp_dir: Path) -> None:
         self.name = unique_name()  # the message's id and Maildir unique name
         self.path = tmp_dir / self.name
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self.size = 0
         self.closed = False
 
@@ -97,7 +102,7 @@ class SpoolFile:
         spool = cls.__new__(cls)
         spool.name = path.name
         spool.path = path
-        spool.fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+        spool.fd = os.open(path, os.O_RDWR | os.O_TRUNC | os.O_CLOEXEC)
         spool.size = 0
         spool.closed = False
         return spool
@@ -128,6 +133,7 @@ class CommitJob:
     links: list[Path]  # final paths (e.g. <maildir>/new/<unique>,S=<size>)
     on_done: Callable[[BaseException | None], None]
     keep_spool: bool = False  # True: the temp file itself is the final file (renamed, not linked)
+    journal: bool = False  # may go through the committer's journal (a local delivery)
     done: bool = field(default=False)
 
 
@@ -139,9 +145,13 @@ class Committer:
     threads splitting the work into half-size batches that each pay a directory fsync.
     """
 
-    def __init__(self, threads: int = 1) -> None:
+    def __init__(self, threads: int = 1, journal: Journal | None = None) -> None:
         self._q: queue.SimpleQueue[CommitJob | None] = queue.SimpleQueue()
+        self.journal = journal
         self._threads = [threading.Thread(target=self._run, name=f"committer-{i}", daemon=True) for i in range(threads)]
+        self._stop = threading.Event()
+        if journal is not None:
+            self._threads.append(threading.Thread(target=self._checkpoints, name="checkpointer", daemon=True))
         for t in self._threads:
             t.start()
 
@@ -152,21 +162,41 @@ class Committer:
         """Nothing is waiting for the committer threads (a batch may still be syncing)."""
         return self._q.empty()
 
-    def commit_now(self, spool: SpoolFile, links: list[Path], *, keep_spool: bool = False) -> None:
+    def commit_now(self, spool: SpoolFile, links: list[Path], *, keep_spool: bool = False,
+                   journal: bool = False) -> None:
         """Run the recipe for one file on the calling thread; raise on failure.
 
         For a caller with nobody to share a batch with (see the module docstring): the same
         steps, the same cleanup on failure, without the thread hand-off and loop wake-up."""
         errors: list[BaseException | None] = []
-        self._commit([CommitJob(spool, links, errors.append, keep_spool=keep_spool)], wake=False)
+        self._commit([CommitJob(spool, links, errors.append, keep_spool=keep_spool, journal=journal)], wake=False)
         if errors[0] is not None:
             raise errors[0]
 
     def close(self) -> None:
-        for _ in self._threads:
-            self._q.put(None)
+        self._stop.set()
+        for t in self._threads:
+            if t.name != "checkpointer":
+                self._q.put(None)
         for t in self._threads:
             t.join(timeout=30)
+        if self.journal is not None:
+            self.journal.close()  # a last checkpoint: a clean stop leaves nothing to replay
+
+    def _checkpoints(self) -> None:
+        """The checkpointer thread: each journal record made redundant within about
+        :data:`CHECKPOINT_SECONDS` (sooner when the journal is half full)."""
+        journal = self.journal
+        assert journal is not None
+        while not self._stop.wait(CHECKPOINT_SECONDS / 4):
+            since = journal.pending_since
+            if since is None:
+                continue
+            if time.monotonic() - since >= CHECKPOINT_SECONDS or journal.end - journal.start > journal.size // 2:
+                try:
+                    journal.checkpoint()
+                except OSError as exc:  # its records stay in the journal; tried again next round
+                    log.error("journal checkpoint failed: %s", exc)
 
     def _run(self) -> None:
         while True:
@@ -189,6 +219,56 @@ class Committer:
                 return
 
     def _commit(self, batch: list[CommitJob], *, wake: bool = True) -> None:
+        journal = self.journal
+        if journal is not None:
+            small = [j for j in batch if j.journal and j.spool.size <= journal.max_record]
+            if small:
+                left = self._commit_journaled(journal, small)
+                if len(small) != len(batch) or left:
+                    batch = [j for j in batch if not j.done]
+                else:
+                    batch = []
+            if not batch:
+                if wake:
+                    _LoopWaker.flush_all()
+                return
+        self._commit_recipe(batch, wake=wake)
+
+    def _commit_journaled(self, journal: Journal, jobs: list[CommitJob]) -> bool:
+        """The journal's path (module docstring of :mod:`.journal`): one record per job and one
+        flush for all, then the renames. Returns True if some jobs were left for the recipe
+        (the journal could not take them: its write failed or they did not fit)."""
+        try:
+            entries = [Entry(_read_spool(j.spool), j.links) for j in jobs]
+        except OSError:
+            return True
+        for attempt in (0, 1):
+            with journal.lock:
+                try:
+                    journal.append(entries)
+                except JournalFull:
+                    pass
+                except OSError as exc:
+                    log.error("journal write failed, using fsync instead: %s", exc)
+                    return True
+                else:
+                    # Placed while the lock is held: a checkpoint covers only placed records.
+                    results = [(job, _place(job)) for job in jobs]
+                    break
+            if attempt == 0:
+                try:
+                    journal.checkpoint()
+                except OSError as exc:
+                    log.error("journal checkpoint failed, using fsync instead: %s", exc)
+                    return True
+        else:
+            return True
+        for job, err in results:
+            job.done = True
+            job.on_done(err)
+        return False
+
+    def _commit_recipe(self, batch: list[CommitJob], *, wake: bool = True) -> None:
         errors: dict[int, BaseException] = {}
         dirs: dict[Path, None] = {}
         for i, job in enumerate(batch):
@@ -223,6 +303,33 @@ class Committer:
             job.on_done(err)
         if wake:
             _LoopWaker.flush_all()
+
+
+def _read_spool(spool: SpoolFile) -> bytes:
+    data = os.pread(spool.fd, spool.size, 0)
+    if len(data) != spool.size:
+        raise OSError(f"spool {spool.path} is shorter than written")
+    return data
+
+
+def _place(job: CommitJob) -> BaseException | None:
+    """Rename or link a journaled job's file into place (no fsync: the journal holds it)."""
+    spool = job.spool
+    try:
+        os.close(spool.fd)
+        spool.closed = True
+        for target in job.links:
+            if job.keep_spool:
+                os.rename(spool.path, target)
+            else:
+                os.link(spool.path, target)
+        if not job.keep_spool:
+            with contextlib.suppress(OSError):
+                os.unlink(spool.path)
+    except OSError as exc:  # reported to the session as 451, detail logged there
+        _cleanup_failed(job)
+        return exc
+    return None
 
 
 class _LoopWaker:
@@ -349,7 +456,8 @@ def deliver_bytes(data_dir: Path, maildirs: list[Path], content: bytes) -> list[
         spool.discard()
 
 
-async def commit_async(committer: Committer, spool: SpoolFile, links: list[Path], *, keep_spool: bool = False) -> None:
+async def commit_async(committer: Committer, spool: SpoolFile, links: list[Path], *, keep_spool: bool = False,
+                       journal: bool = False) -> None:
     """Run the durable recipe for ``spool`` in ``committer`` and wait for it; raise on failure.
 
     The future is settled on the event loop once the committer's batch holding this job is
@@ -357,12 +465,14 @@ async def commit_async(committer: Committer, spool: SpoolFile, links: list[Path]
     import asyncio
 
     fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    commit_then(committer, spool, links, functools.partial(_settle_future, fut), keep_spool=keep_spool)
+    commit_then(committer, spool, links, functools.partial(_settle_future, fut), keep_spool=keep_spool,
+                journal=journal)
     await fut
 
 
 def commit_then(committer: Committer, spool: SpoolFile, links: list[Path],
-                callback: Callable[[BaseException | None], None], *, keep_spool: bool = False) -> None:
+                callback: Callable[[BaseException | None], None], *, keep_spool: bool = False,
+                journal: bool = False) -> None:
     """Run the durable recipe for ``spool`` in ``committer``; ``callback(error or None)`` runs
     on the running event loop once the batch holding the job is durable (or failed). For a
     caller that needs no coroutine (a session answering once its message is on disk)."""
@@ -373,7 +483,7 @@ def commit_then(committer: Committer, spool: SpoolFile, links: list[Path],
     def done(err: BaseException | None) -> None:  # runs in a committer thread
         waker.add(callback, err)
 
-    committer.submit(CommitJob(spool, links, done, keep_spool=keep_spool))
+    committer.submit(CommitJob(spool, links, done, keep_spool=keep_spool, journal=journal))
 
 
 class Recycler:

@@ -1,0 +1,284 @@
+"""The delivery journal (storage/journal.py): appends, checkpoints and the replay after a crash."""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+
+from serpentmail.storage import journal as jmod
+from serpentmail.storage.journal import (
+    DATA_START,
+    Entry,
+    Journal,
+    JournalBusy,
+    JournalFull,
+    records,
+    replay,
+    replay_all,
+)
+from serpentmail.storage.maildir import CommitJob, Committer, SpoolFile, ensure_maildir
+
+
+def _maildir(root: Path, uid: int) -> Path:
+    md = root / "mail" / str(uid)
+    ensure_maildir(md)
+    return md
+
+
+def _header(path: Path) -> tuple[int, int]:
+    raw = path.read_bytes()[:jmod.HEADER.size]
+    _, gen, start, _ = jmod.HEADER.unpack(raw)
+    return gen, start
+
+
+def test_records_not_placed_before_a_crash_are_restored_byte_for_byte(tmp_path: Path) -> None:
+    md1, md2 = _maildir(tmp_path, 1), _maildir(tmp_path, 2)
+    j = Journal(tmp_path / "journal" / "w0.log", tmp_path)
+    one = b"Subject: one\r\n\r\nfirst\r\n"
+    two = b"Subject: two\r\n\r\nsecond, for two mailboxes\r\n"
+    with j.lock:
+        j.append([Entry(one, [md1 / "new" / "a,S=23"]),
+                  Entry(two, [md1 / "new" / "b,S=42", md2 / "new" / "b,S=42"])])
+    os.close(j.fd)  # "crash": nothing was renamed into place and no checkpoint ran
+
+    report = replay(tmp_path / "journal" / "w0.log", tmp_path)
+    assert (report.restored, report.rewritten, report.intact) == (3, 0, 0)
+    assert (md1 / "new" / "a,S=23").read_bytes() == one
+    assert (md1 / "new" / "b,S=42").read_bytes() == two
+    assert (md2 / "new" / "b,S=42").read_bytes() == two
+    assert list((md1 / "tmp").iterdir()) == []
+    # done once: the header moved on, so a second start finds nothing to do
+    again = replay(tmp_path / "journal" / "w0.log", tmp_path)
+    assert (again.restored, again.rewritten, again.intact) == (0, 0, 0)
+
+
+def test_replay_rewrites_a_damaged_file_and_leaves_intact_ones_alone(tmp_path: Path) -> None:
+    md = _maildir(tmp_path, 1)
+    j = Journal(tmp_path / "journal" / "w0.log", tmp_path)
+    good, bad = b"good message\r\n", b"this one lost its blocks\r\n"
+    with j.lock:
+        j.append([Entry(good, [md / "new" / "g"]), Entry(bad, [md / "new" / "d"])])
+    os.close(j.fd)
+    (md / "new" / "g").write_bytes(good)
+    (md / "new" / "d").write_bytes(b"\0" * len(bad))  # the name survived, the content did not
+    ino = os.stat(md / "new" / "g").st_ino
+
+    report = replay(tmp_path / "journal" / "w0.log", tmp_path)
+    assert (report.intact, report.rewritten, report.restored) == (1, 1, 0)
+    assert (md / "new" / "d").read_bytes() == bad
+    assert os.stat(md / "new" / "g").st_ino == ino  # untouched
+
+
+def test_a_message_pop3_moved_to_cur_is_found_there(tmp_path: Path) -> None:
+    md = _maildir(tmp_path, 1)
+    j = Journal(tmp_path / "journal" / "w0.log", tmp_path)
+    with j.lock:
+        j.append([Entry(b"seen already\r\n", [md / "new" / "m,S=14"])])
+    os.close(j.fd)
+    (md / "cur" / "m,S=14:2,S").write_bytes(b"seen already\r\n")
+
+    report = replay(tmp_path / "journal" / "w0.log", tmp_path)
+    assert report.intact == 1
+    assert list((md / "new").iterdir()) == []
+
+
+def test_a_torn_append_ends_the_scan_and_earlier_records_still_count(tmp_path: Path) -> None:
+    md = _maildir(tmp_path, 1)
+    path = tmp_path / "journal" / "w0.log"
+    j = Journal(path, tmp_path)
+    with j.lock:
+        j.append([Entry(b"whole\r\n", [md / "new" / "w"])])
+        torn_at = j.end
+        j.append([Entry(b"cut short by the crash\r\n", [md / "new" / "t"]),
+                  Entry(b"never written\r\n", [md / "new" / "n"])])
+    os.close(j.fd)
+    with open(path, "r+b") as f:  # the second append's content did not reach the disk
+        f.seek(torn_at + jmod.RECORD.size + 5)
+        f.write(b"\0\0\0\0")
+
+    assert [t for t, _ in records(path)] == [["mail/1/new/w"]]
+    replay(path, tmp_path)
+    assert sorted(p.name for p in (md / "new").iterdir()) == ["w"]
+
+
+def test_a_checkpointed_record_is_not_replayed(tmp_path: Path) -> None:
+    md = _maildir(tmp_path, 1)
+    path = tmp_path / "journal" / "w0.log"
+    j = Journal(path, tmp_path)
+    with j.lock:
+        j.append([Entry(b"placed and made durable\r\n", [md / "new" / "x"])])
+    (md / "new" / "x").write_bytes(b"placed and made durable\r\n")
+    gen_before, _ = _header(path)
+    j.checkpoint()
+    assert _header(path) == (gen_before + 1, DATA_START)  # nothing pending: started over
+    (md / "new" / "x").unlink()  # downloaded and deleted later: it must stay deleted
+    os.close(j.fd)
+    assert list(records(path)) == []
+    assert replay(path, tmp_path).restored == 0
+    assert not (md / "new" / "x").exists()
+
+
+def test_checkpoint_with_appends_in_between_keeps_the_newer_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    md = _maildir(tmp_path, 1)
+    path = tmp_path / "journal" / "w0.log"
+    j = Journal(path, tmp_path)
+    with j.lock:
+        j.append([Entry(b"old\r\n", [md / "new" / "old"])])
+    (md / "new" / "old").write_bytes(b"old\r\n")
+    real = jmod.syncfs
+
+    def append_during_flush(fd: int) -> None:  # another message arrives while syncfs runs
+        with j.lock:
+            j.append([Entry(b"new\r\n", [md / "new" / "new"])])
+        real(fd)
+
+    monkeypatch.setattr(jmod, "syncfs", append_during_flush)
+    j.checkpoint()
+    monkeypatch.setattr(jmod, "syncfs", real)
+    os.close(j.fd)
+    assert [t for t, _ in records(path)] == [["mail/1/new/new"]]
+    replay(path, tmp_path)
+    assert (md / "new" / "new").read_bytes() == b"new\r\n"
+
+
+def test_records_of_an_earlier_lap_are_ignored(tmp_path: Path) -> None:
+    md = _maildir(tmp_path, 1)
+    path = tmp_path / "journal" / "w0.log"
+    j = Journal(path, tmp_path)
+    with j.lock:
+        j.append([Entry(b"a long first-lap message " * 20, [md / "new" / "lap1"])])
+    (md / "new" / "lap1").write_bytes(b"a long first-lap message " * 20)
+    j.checkpoint()  # starts over at DATA_START, one generation up
+    with j.lock:
+        j.append([Entry(b"short\r\n", [md / "new" / "lap2"])])
+    os.close(j.fd)
+    (md / "new" / "lap1").unlink()
+    assert [t for t, _ in records(path)] == [["mail/1/new/lap2"]]
+
+
+def test_full_journal_raises_and_the_committer_checkpoints_and_goes_on(tmp_path: Path) -> None:
+    md = _maildir(tmp_path, 1)
+    path = tmp_path / "journal" / "w0.log"
+    j = Journal(path, tmp_path, size=DATA_START + 16 * 1024)
+    with j.lock, pytest.raises(JournalFull):
+        j.append([Entry(b"x" * 20000, [md / "new" / "big"])])
+
+    committer = Committer(journal=j)
+    gen0, _ = _header(path)
+    done: list[BaseException | None] = []
+    finished = threading.Event()
+    n = 40
+
+    def on_done(err: BaseException | None) -> None:
+        done.append(err)
+        if len(done) == n:
+            finished.set()
+
+    try:
+        for i in range(n):
+            sp = SpoolFile(tmp_path / "tmp" if (tmp_path / "tmp").is_dir() else _mk(tmp_path / "tmp"))
+            sp.write(f"message {i}\r\n".encode() * 100)  # ~1.2 KiB: a dozen fill the journal
+            committer.submit(CommitJob(sp, [md / "new" / f"m{i}"], on_done, keep_spool=True, journal=True))
+        assert finished.wait(30)
+    finally:
+        committer.close()
+    assert done == [None] * n
+    for i in range(n):
+        assert (md / "new" / f"m{i}").read_bytes() == f"message {i}\r\n".encode() * 100
+    assert _header(path)[0] > gen0  # it started over at least once
+    assert list(records(path)) == []  # close() checkpointed everything
+
+
+def _mk(d: Path) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def test_queue_jobs_and_big_messages_take_the_fsync_recipe(tmp_path: Path) -> None:
+    md = _maildir(tmp_path, 1)
+    tmp = _mk(tmp_path / "tmp")
+    j = Journal(tmp_path / "journal" / "w0.log", tmp_path)
+    committer = Committer(journal=j)
+    try:
+        queue_item = SpoolFile(tmp)
+        queue_item.write(b"a queue file\r\n")
+        committer.commit_now(queue_item, [md / "new" / "q"], keep_spool=True)  # journal=False
+        assert j.end == DATA_START
+        big = SpoolFile(tmp)
+        big.write(b"y" * (j.max_record + 1))
+        committer.commit_now(big, [md / "new" / "big"], keep_spool=True, journal=True)
+        assert j.end == DATA_START
+        small = SpoolFile(tmp)
+        small.write(b"a local delivery\r\n")
+        committer.commit_now(small, [md / "new" / "s"], keep_spool=True, journal=True)
+        assert j.end > DATA_START
+    finally:
+        committer.close()
+    assert (md / "new" / "q").read_bytes() == b"a queue file\r\n"
+    assert (md / "new" / "big").stat().st_size == j.max_record + 1
+    assert (md / "new" / "s").read_bytes() == b"a local delivery\r\n"
+
+
+def test_a_failing_journal_falls_back_to_fsync_and_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    md = _maildir(tmp_path, 1)
+    tmp = _mk(tmp_path / "tmp")
+    j = Journal(tmp_path / "journal" / "w0.log", tmp_path)
+
+    def broken(entries: list[Entry]) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(j, "append", broken)
+    committer = Committer(journal=j)
+    try:
+        sp = SpoolFile(tmp)
+        sp.write(b"still delivered\r\n")
+        committer.commit_now(sp, [md / "new" / "a", _maildir(tmp_path, 2) / "new" / "a"], journal=True)
+    finally:
+        committer.close()
+    assert (md / "new" / "a").read_bytes() == b"still delivered\r\n"
+    assert (tmp_path / "mail" / "2" / "new" / "a").read_bytes() == b"still delivered\r\n"
+    assert list(tmp.iterdir()) == []
+
+
+def test_replay_all_covers_every_worker_and_skips_removed_mailboxes(tmp_path: Path) -> None:
+    md = _maildir(tmp_path, 1)
+    for w in (0, 1):
+        j = Journal(tmp_path / "journal" / f"w{w}.log", tmp_path)
+        with j.lock:
+            j.append([Entry(f"from worker {w}\r\n".encode(), [md / "new" / f"w{w}"]),
+                      Entry(b"to a deleted account\r\n", [tmp_path / "mail" / "9" / "new" / f"gone{w}"])])
+        os.close(j.fd)
+    report = replay_all(tmp_path)
+    assert (report.restored, report.skipped) == (2, 2)
+    assert (md / "new" / "w0").read_bytes() == b"from worker 0\r\n"
+    assert (md / "new" / "w1").read_bytes() == b"from worker 1\r\n"
+    assert not (tmp_path / "mail" / "9").exists()
+
+
+def test_a_journal_with_a_bad_header_is_replaced_not_trusted(tmp_path: Path) -> None:
+    path = tmp_path / "journal" / "w0.log"
+    path.parent.mkdir()
+    path.write_bytes(struct.pack("<4s", b"JUNK") + bytes(DATA_START * 2))
+    j = Journal(path, tmp_path)  # no record in it was ever acknowledged: it starts afresh
+    assert j.end == DATA_START
+    os.close(j.fd)
+    assert list(records(path)) == []
+
+
+def test_a_journal_in_use_is_not_opened_or_replayed_by_another(tmp_path: Path) -> None:
+    md = _maildir(tmp_path, 1)
+    path = tmp_path / "journal" / "w0.log"
+    live = Journal(path, tmp_path)
+    with live.lock:
+        live.append([Entry(b"acknowledged, rename pending\r\n", [md / "new" / "p"])])
+    with pytest.raises(JournalBusy):
+        Journal(path, tmp_path)  # a second server on the same data directory
+    assert replay_all(tmp_path).restored == 0  # skipped: the live process owns it
+    assert not (md / "new" / "p").exists()
+    assert [t for t, _ in records(path)] == [["mail/1/new/p"]]  # its header untouched
+    os.close(live.fd)
+    assert replay_all(tmp_path).restored == 1  # once released, the next start replays it
