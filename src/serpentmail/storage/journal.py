@@ -21,7 +21,9 @@ a missing or damaged one is written again with the durable recipe. The records a
 leave behind are the last second's at most, and only those can be written again: a message
 that was downloaded *and deleted* within that second of its arrival reappears once after an
 operating-system crash (delivered twice, never lost). A process crash loses nothing of the
-page cache, so there it only finishes the renames that had not happened.
+page cache, so there it only finishes the renames that had not happened. Likewise a record
+whose rename failed (the session answered 451) is placed by a replay after a crash: a
+duplicate at worst, as when a 250 is lost on the way.
 
 Layout (little-endian): block 0 holds the header (magic, generation, start offset, CRC-32);
 records follow from :data:`DATA_START`, each a 32-octet head (magic, generation, length of
