@@ -99,6 +99,7 @@ class Journal:
         self.path = path
         self.root = root
         self.lock = threading.Lock()
+        self._checkpointing = threading.Lock()  # one checkpoint at a time: the start only moves on
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists() or path.stat().st_size < DATA_START + RECORD.size:
             _create(path, size)
@@ -127,7 +128,7 @@ class Journal:
         bufs: list[bytes] = []
         total = 0
         for e in entries:
-            meta = "\n".join(str(t.relative_to(self.root)) for t in e.targets).encode()
+            meta = "\n".join(os.path.relpath(t, self.root) for t in e.targets).encode()
             body_crc = zlib.crc32(e.content, zlib.crc32(meta))
             head = RECORD.pack(RECORD_MAGIC, self.gen, len(meta), len(e.content), body_crc, 0)
             head = head[:-4] + struct.pack("<I", zlib.crc32(head[:-4]))
@@ -151,6 +152,10 @@ class Journal:
         """Make every record written so far redundant: one ``syncfs`` per filesystem the
         interval's files are on, then the header moves past them (and the journal starts over
         when nothing was written meanwhile). The flush runs without the lock, so appends go on."""
+        with self._checkpointing:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
         with self.lock:
             end, gen, dirs = self.end, self.gen, self._dirs
             if end == self.start:

@@ -252,7 +252,7 @@ class Committer:
                     journal.append(entries)
                 except JournalFull:
                     pass
-                except OSError as exc:
+                except Exception as exc:  # never lose the batch: the recipe takes it
                     log.error("journal write failed, using fsync instead: %s", exc)
                     return True
                 else:
