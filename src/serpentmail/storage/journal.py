@@ -49,6 +49,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..log import log_event
+
 log = logging.getLogger(__name__)
 
 HEADER = struct.Struct("<4sQQI")  # magic, generation, start offset, crc32 of the three
@@ -311,7 +313,7 @@ def _replay(path: Path, root: Path, fd: int) -> ReplayReport:
     try:
         pending = list(records(path))
     except ValueError:
-        log.warning("journal %s has no valid header; nothing in it was acknowledged", path)
+        log_event(log, "journal has no valid header; nothing in it was acknowledged", logging.WARNING, path=str(path))
         pending = []
     for targets, content in pending:
         for rel in targets:
@@ -324,8 +326,8 @@ def _replay(path: Path, root: Path, fd: int) -> ReplayReport:
         gen = 0
     _write_header(fd, gen + 1, DATA_START)
     if report.rewritten or report.restored or report.skipped:
-        log.warning("journal %s replayed: %d intact, %d rewritten, %d restored, %d skipped", path,
-                    report.intact, report.rewritten, report.restored, report.skipped)
+        log_event(log, "journal replayed", logging.WARNING, path=str(path), intact=report.intact,
+                  rewritten=report.rewritten, restored=report.restored, skipped=report.skipped)
     return report
 
 
@@ -338,8 +340,8 @@ def replay_all(root: Path) -> ReplayReport:
     for path in sorted(directory.glob("*.log")):
         try:
             r = replay(path, root)
-        except JournalBusy as exc:
-            log.warning("%s; left to it", exc)
+        except JournalBusy:
+            log_event(log, "journal in use by a running server; left to it", logging.WARNING, path=str(path))
             continue
         total.intact += r.intact
         total.rewritten += r.rewritten

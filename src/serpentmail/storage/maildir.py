@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..log import log_event
 from .journal import CHECKPOINT_SECONDS, Entry, Journal, JournalFull
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,7 @@ class Committer:
                 try:
                     journal.checkpoint()
                 except OSError as exc:  # its records stay in the journal; tried again next round
-                    log.error("journal checkpoint failed: %s", exc)
+                    log_event(log, "journal checkpoint failed", logging.ERROR, error=str(exc))
 
     def _run(self) -> None:
         while True:
@@ -253,7 +254,7 @@ class Committer:
                 except JournalFull:
                     pass
                 except Exception as exc:  # never lose the batch: the recipe takes it
-                    log.error("journal write failed, using fsync instead: %s", exc)
+                    log_event(log, "journal write failed, using fsync instead", logging.ERROR, error=str(exc))
                     return True
                 else:
                     # Placed while the lock is held: a checkpoint covers only placed records.
@@ -263,7 +264,7 @@ class Committer:
                 try:
                     journal.checkpoint()
                 except OSError as exc:
-                    log.error("journal checkpoint failed, using fsync instead: %s", exc)
+                    log_event(log, "journal checkpoint failed, using fsync instead", logging.ERROR, error=str(exc))
                     return True
         else:
             return True
