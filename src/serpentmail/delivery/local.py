@@ -28,7 +28,8 @@ from ..accounts.db import AccountDB
 from ..config import Config
 from ..log import log_event
 from ..proto.address import AddressError, parse_mailbox
-from ..storage.maildir import SpoolFile, ensure_maildir, final_name, fsync_dir, maildir_for
+from ..storage.fsutil import fsync_dir
+from ..storage.maildir import SpoolFile, ensure_maildir, final_name, maildir_for
 from .base import Envelope, RecipientResult
 
 log = logging.getLogger("serpentmail.delivery.local")

@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..storage.maildir import Committer, Recycler, SpoolFile, SpoolPool, commit_async, fsync_dir
+from ..storage.fsutil import fsync_dir
+from ..storage.maildir import Committer, Recycler, SpoolFile, SpoolPool, commit_async
 
 RecipientState = Literal["pending", "delivered", "failed"]
 ENVELOPE_VERSION = 1

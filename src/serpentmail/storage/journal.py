@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..log import log_event
+from .fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +140,7 @@ class Journal:
         if self.end + total > self.size:
             raise JournalFull
         # A stale record of an earlier lap may follow ours: the scan stops at its generation.
-        written = os.pwritev(self.fd, bufs, self.end) if len(bufs) <= 1020 else _pwrite_all(self.fd, bufs, self.end)
-        if written != total:
-            raise OSError(f"short journal write ({written} of {total} octets)")
+        _pwrite_all(self.fd, bufs, self.end)
         os.fdatasync(self.fd)
         self.end += total
         if self._since is None:
@@ -163,7 +162,6 @@ class Journal:
             if end == self.start:
                 return
             self._dirs = set()
-            since = self._since
         try:
             syncfs(self.fd)
             seen = {os.fstat(self.fd).st_dev}
@@ -192,7 +190,7 @@ class Journal:
                 self._since = None
             else:
                 self.start = end
-                self._since = time.monotonic() if since is not None else None
+                self._since = time.monotonic()  # the records written during the flush
             _write_header(self.fd, self.gen, self.start)
 
     def close(self) -> None:
@@ -201,12 +199,15 @@ class Journal:
         os.close(self.fd)
 
 
-def _pwrite_all(fd: int, bufs: list[bytes], offset: int) -> int:
-    done = 0
-    for i in range(0, len(bufs), 1020):
-        n = os.pwritev(fd, bufs[i:i + 1020], offset + done)
-        done += n
-    return done
+def _pwrite_all(fd: int, bufs: list[bytes], offset: int) -> None:
+    """``pwritev`` of every buffer, at most 1,024 (IOV_MAX) per call; raises on a short write."""
+    for i in range(0, len(bufs), 1024):
+        part = bufs[i:i + 1024]
+        want = sum(len(b) for b in part)
+        n = os.pwritev(fd, part, offset)
+        if n != want:
+            raise OSError(f"short journal write ({n} of {want} octets)")
+        offset += n
 
 
 def _create(path: Path, size: int) -> None:
@@ -224,11 +225,7 @@ def _create(path: Path, size: int) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(path.parent)
 
 
 def _write_header(fd: int, gen: int, start: int, *, sync: bool = True) -> None:
@@ -390,8 +387,4 @@ def _restore(target: Path, content: bytes, report: ReplayReport) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, found)
-    dfd = os.open(found.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(found.parent)

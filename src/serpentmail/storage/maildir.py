@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from ..log import log_event
+from .fsutil import fsync_dir
 from .journal import CHECKPOINT_SECONDS, Entry, Journal, JournalFull
 
 log = logging.getLogger(__name__)
@@ -79,14 +80,6 @@ def unique_name() -> str:
     sec = int(now)
     usec = int((now - sec) * 1_000_000)
     return f"{sec}.M{usec}P{_PID[0]}Q{next(_seq)}.{_HOST}"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class SpoolFile:
@@ -228,25 +221,22 @@ class Committer:
         if journal is not None:
             small = [j for j in batch if j.journal and j.spool.size <= journal.max_record]
             if small:
-                left = self._commit_journaled(journal, small)
-                if len(small) != len(batch) or left:
-                    batch = [j for j in batch if not j.done]
-                else:
-                    batch = []
+                self._commit_journaled(journal, small)  # what it could not take stays not done
+                batch = [j for j in batch if not j.done]
             if not batch:
                 if wake:
                     _LoopWaker.flush_all()
                 return
         self._commit_recipe(batch, wake=wake)
 
-    def _commit_journaled(self, journal: Journal, jobs: list[CommitJob]) -> bool:
+    def _commit_journaled(self, journal: Journal, jobs: list[CommitJob]) -> None:
         """The journal's path (module docstring of :mod:`.journal`): one record per job and one
-        flush for all, then the renames. Returns True if some jobs were left for the recipe
-        (the journal could not take them: its write failed or they did not fit)."""
+        flush for all, then the renames. Jobs the journal could not take (its write failed, or
+        they did not fit even after a checkpoint) are left not ``done``, for the recipe."""
         try:
             entries = [Entry(_read_spool(j.spool), j.links) for j in jobs]
         except OSError:
-            return True
+            return
         for attempt in (0, 1):
             with journal.lock:
                 try:
@@ -255,7 +245,7 @@ class Committer:
                     pass
                 except Exception as exc:  # never lose the batch: the recipe takes it
                     log_event(log, "journal write failed, using fsync instead", logging.ERROR, error=str(exc))
-                    return True
+                    return
                 else:
                     # Placed while the lock is held: a checkpoint covers only placed records.
                     results = [(job, _place(job)) for job in jobs]
@@ -265,13 +255,12 @@ class Committer:
                     journal.checkpoint()
                 except OSError as exc:
                     log_event(log, "journal checkpoint failed, using fsync instead", logging.ERROR, error=str(exc))
-                    return True
+                    return
         else:
-            return True
+            return
         for job, err in results:
             job.done = True
             job.on_done(err)
-        return False
 
     def _commit_recipe(self, batch: list[CommitJob], *, wake: bool = True) -> None:
         errors: dict[int, BaseException] = {}
@@ -280,13 +269,8 @@ class Committer:
             spool = job.spool
             try:
                 os.fsync(spool.fd)
-                os.close(spool.fd)
-                spool.closed = True
+                _put_in_place(job)
                 for target in job.links:
-                    if job.keep_spool:
-                        os.replace(spool.path, target)
-                    else:
-                        os.link(spool.path, target)
                     dirs[target.parent] = None
             except BaseException as exc:  # reported to the session as 451, detail logged there
                 errors[i] = exc
@@ -317,23 +301,29 @@ def _read_spool(spool: SpoolFile) -> bytes:
     return data
 
 
-def _place(job: CommitJob) -> BaseException | None:
-    """Rename or link a journaled job's file into place (no fsync: the journal holds it)."""
+def _put_in_place(job: CommitJob) -> None:
+    """Close the job's file and give it its final names: renamed for a single destination
+    (``keep_spool``), else hard-linked into each (the temp name is removed by the caller)."""
     spool = job.spool
+    os.close(spool.fd)
+    spool.closed = True
+    for target in job.links:
+        if job.keep_spool:
+            os.replace(spool.path, target)
+        else:
+            os.link(spool.path, target)
+
+
+def _place(job: CommitJob) -> BaseException | None:
+    """A journaled job's file put in place (no fsync: the journal holds its bytes)."""
     try:
-        os.close(spool.fd)
-        spool.closed = True
-        for target in job.links:
-            if job.keep_spool:
-                os.rename(spool.path, target)
-            else:
-                os.link(spool.path, target)
-        if not job.keep_spool:
-            with contextlib.suppress(OSError):
-                os.unlink(spool.path)
+        _put_in_place(job)
     except OSError as exc:  # reported to the session as 451, detail logged there
         _cleanup_failed(job)
         return exc
+    if not job.keep_spool:
+        with contextlib.suppress(OSError):
+            os.unlink(job.spool.path)
     return None
 
 
