@@ -35,39 +35,42 @@ def _header(path: Path) -> tuple[int, int]:
     return gen, start
 
 
+def _crashed_after(root: Path, entries: list[Entry], name: str = "w0.log") -> Path:
+    """A journal that took ``entries`` and then "crashed": nothing renamed, no checkpoint."""
+    j = Journal(root / "journal" / name, root)
+    with j.lock:
+        j.append(entries)
+    os.close(j.fd)
+    return j.path
+
+
 def test_records_not_placed_before_a_crash_are_restored_byte_for_byte(tmp_path: Path) -> None:
     md1, md2 = _maildir(tmp_path, 1), _maildir(tmp_path, 2)
-    j = Journal(tmp_path / "journal" / "w0.log", tmp_path)
     one = b"Subject: one\r\n\r\nfirst\r\n"
     two = b"Subject: two\r\n\r\nsecond, for two mailboxes\r\n"
-    with j.lock:
-        j.append([Entry(one, [md1 / "new" / "a,S=23"]),
-                  Entry(two, [md1 / "new" / "b,S=42", md2 / "new" / "b,S=42"])])
-    os.close(j.fd)  # "crash": nothing was renamed into place and no checkpoint ran
+    path = _crashed_after(tmp_path, [Entry(one, [md1 / "new" / "a,S=23"]),
+                                     Entry(two, [md1 / "new" / "b,S=42", md2 / "new" / "b,S=42"])])
 
-    report = replay(tmp_path / "journal" / "w0.log", tmp_path)
+    report = replay(path, tmp_path)
     assert (report.restored, report.rewritten, report.intact) == (3, 0, 0)
     assert (md1 / "new" / "a,S=23").read_bytes() == one
     assert (md1 / "new" / "b,S=42").read_bytes() == two
     assert (md2 / "new" / "b,S=42").read_bytes() == two
     assert list((md1 / "tmp").iterdir()) == []
     # done once: the header moved on, so a second start finds nothing to do
-    again = replay(tmp_path / "journal" / "w0.log", tmp_path)
+    again = replay(path, tmp_path)
     assert (again.restored, again.rewritten, again.intact) == (0, 0, 0)
 
 
 def test_replay_rewrites_a_damaged_file_and_leaves_intact_ones_alone(tmp_path: Path) -> None:
     md = _maildir(tmp_path, 1)
-    j = Journal(tmp_path / "journal" / "w0.log", tmp_path)
     good, bad = b"good message\r\n", b"this one lost its blocks\r\n"
-    with j.lock:
-        j.append([Entry(good, [md / "new" / "g"]), Entry(bad, [md / "new" / "d"])])
-    os.close(j.fd)
+    path = _crashed_after(tmp_path, [Entry(good, [md / "new" / "g"]), Entry(bad, [md / "new" / "d"])])
     (md / "new" / "g").write_bytes(good)
     (md / "new" / "d").write_bytes(b"\0" * len(bad))  # the name survived, the content did not
     ino = os.stat(md / "new" / "g").st_ino
 
-    report = replay(tmp_path / "journal" / "w0.log", tmp_path)
+    report = replay(path, tmp_path)
     assert (report.intact, report.rewritten, report.restored) == (1, 1, 0)
     assert (md / "new" / "d").read_bytes() == bad
     assert os.stat(md / "new" / "g").st_ino == ino  # untouched
@@ -75,13 +78,10 @@ def test_replay_rewrites_a_damaged_file_and_leaves_intact_ones_alone(tmp_path: P
 
 def test_a_message_pop3_moved_to_cur_is_found_there(tmp_path: Path) -> None:
     md = _maildir(tmp_path, 1)
-    j = Journal(tmp_path / "journal" / "w0.log", tmp_path)
-    with j.lock:
-        j.append([Entry(b"seen already\r\n", [md / "new" / "m,S=14"])])
-    os.close(j.fd)
+    path = _crashed_after(tmp_path, [Entry(b"seen already\r\n", [md / "new" / "m,S=14"])])
     (md / "cur" / "m,S=14:2,S").write_bytes(b"seen already\r\n")
 
-    report = replay(tmp_path / "journal" / "w0.log", tmp_path)
+    report = replay(path, tmp_path)
     assert report.intact == 1
     assert list((md / "new").iterdir()) == []
 
@@ -247,11 +247,9 @@ def test_a_failing_journal_falls_back_to_fsync_and_loses_nothing(tmp_path: Path,
 def test_replay_all_covers_every_worker_and_skips_removed_mailboxes(tmp_path: Path) -> None:
     md = _maildir(tmp_path, 1)
     for w in (0, 1):
-        j = Journal(tmp_path / "journal" / f"w{w}.log", tmp_path)
-        with j.lock:
-            j.append([Entry(f"from worker {w}\r\n".encode(), [md / "new" / f"w{w}"]),
-                      Entry(b"to a deleted account\r\n", [tmp_path / "mail" / "9" / "new" / f"gone{w}"])])
-        os.close(j.fd)
+        _crashed_after(tmp_path, [Entry(f"from worker {w}\r\n".encode(), [md / "new" / f"w{w}"]),
+                                  Entry(b"to a deleted account\r\n", [tmp_path / "mail" / "9" / "new" / f"gone{w}"])],
+                       f"w{w}.log")
     report = replay_all(tmp_path)
     assert (report.restored, report.skipped) == (2, 2)
     assert (md / "new" / "w0").read_bytes() == b"from worker 0\r\n"
@@ -282,3 +280,12 @@ def test_a_journal_in_use_is_not_opened_or_replayed_by_another(tmp_path: Path) -
     assert [t for t, _ in records(path)] == [["mail/1/new/p"]]  # its header untouched
     os.close(live.fd)
     assert replay_all(tmp_path).restored == 1  # once released, the next start replays it
+
+
+def test_an_append_of_more_buffers_than_one_pwritev_takes_is_whole(tmp_path: Path) -> None:
+    md = _maildir(tmp_path, 1)
+    entries = [Entry(f"message {i}\r\n".encode(), [md / "new" / f"m{i}"]) for i in range(400)]  # 1,200 buffers
+    path = _crashed_after(tmp_path, entries)
+    assert [t for t, _ in records(path)] == [[f"mail/1/new/m{i}"] for i in range(400)]
+    assert replay(path, tmp_path).restored == 400
+    assert (md / "new" / "m399").read_bytes() == b"message 399\r\n"
