@@ -306,3 +306,39 @@ def test_limits_count_for_the_whole_server_not_per_worker(tmp_path: Path) -> Non
             with submission() as c:
                 c.starttls(context=ctx)
                 assert _auth_plain(c, "bill@w.test", "billpw") == 454
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_second_server_on_a_live_data_dir_refuses_before_touching_it(tmp_path: Path, workers: int) -> None:
+    """Its start would otherwise clean the live server's temp and spool files as a crash's
+    leftovers: it stops at the data directory's lock, with one clear line."""
+    conf, ports = _conf(tmp_path, workers=workers)
+    other = tmp_path / "other"
+    other.mkdir()
+    conf2, _ = _conf(other, workers=1)
+    # The same data directory, other ports.
+    conf2.write_text(conf2.read_text().replace(str(other / "data"), str(tmp_path / "data")))
+    spare = tmp_path / "data" / "tmp" / "spare"
+    with serve(conf, ports, workers if workers > 1 else 0) as proc:
+        with smtplib.SMTP(HOST, ports["smtp"], timeout=10) as s:  # the spool files are made ahead from then on
+            s.sendmail("x@else.test", ["bill@w.test"], b"Subject: first\r\n\r\nbody\r\n")
+        _wait(lambda: spare.exists() and any(spare.iterdir()))
+        before = {p.name for p in spare.iterdir()}
+        res = subprocess.run([sys.executable, "-m", "serpentmail", "-c", str(conf2), "serve"],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode != 0
+        assert f"data directory {tmp_path / 'data'} is in use by another serpentmail server (pid {proc.pid})" in res.stderr
+        assert "Traceback" not in res.stderr + res.stdout
+        assert before <= {p.name for p in spare.iterdir()}  # nothing of the live server's removed
+        with smtplib.SMTP(HOST, ports["smtp"], timeout=10) as s:
+            s.sendmail("x@else.test", ["bill@w.test"], b"Subject: still here\r\n\r\nbody\r\n")
+        assert _count(_maildir(tmp_path)) == 2
+    # Once the first has stopped, the same command starts.
+    proc2 = subprocess.Popen([sys.executable, "-m", "serpentmail", "-c", str(conf2), "serve"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait(lambda: "started" in (other / "serve.log").read_text() if (other / "serve.log").exists() else False)
+        assert proc2.poll() is None
+    finally:
+        proc2.send_signal(signal.SIGTERM)
+        assert proc2.wait(20) == 0

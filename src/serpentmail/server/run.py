@@ -9,6 +9,7 @@ stop accepting, let transactions in flight finish (bounded), close idle sessions
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import gc
 import logging
@@ -18,6 +19,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..accounts.db import AccountDB
 from ..config import Config, Endpoint
@@ -50,9 +52,58 @@ class StartupError(RuntimeError):
     """A clear, user-facing reason the server cannot start (port taken, bad cert...)."""
 
 
-def prepare_data_dir(cfg: Config) -> None:
+LOCK_NAME = "serve.lock"
+
+
+class DataDirLock:
+    """``data_dir/serve.lock``, ``flock``ed by a running server for as long as it runs (its
+    workers inherit the lock with the descriptor). A second ``serve`` on the same data
+    directory stops here, before it touches anything: its start would otherwise remove the
+    running server's temp and spool files as a crash's leftovers and recover its queue."""
+
+    def __init__(self, data_dir: Path) -> None:
+        path = data_dir / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise StartupError(f"data directory {data_dir} is in use by another serpentmail server "
+                               f"(pid {holder}); stop it first, or give this one its own data_dir") from None
+        except OSError:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        """Unlock (idempotent). The file stays: removing it would race the next start."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def prepare_data_dir(cfg: Config) -> DataDirLock:
     """Data directories made, leftover temp files removed, default domains created. Runs once
-    per start, before anything can receive mail (with workers: in the parent, before forking)."""
+    per start, before anything can receive mail (with workers: in the parent, before forking).
+    Returns the data directory's lock, held until the caller releases it (StartupError if
+    another server holds it)."""
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = DataDirLock(cfg.data_dir)
+    except OSError as exc:
+        raise StartupError(f"cannot lock data directory {cfg.data_dir}: {exc.strerror or exc}") from exc
+    try:
+        _prepare_locked(cfg)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _prepare_locked(cfg: Config) -> None:
     for sub in ("tmp", "mail", "queue"):
         (cfg.data_dir / sub).mkdir(parents=True, exist_ok=True)
     clean_tmp(cfg.data_dir / "tmp")
@@ -105,6 +156,7 @@ class Server:
     freeze_gc: bool = False  # `serve` (a process of its own): gc.freeze() once started
     peers: PeerLink | None = None  # workers: the limits' counters shared with the others
     _stoppers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    _dir_lock: DataDirLock | None = None  # held from start to stop (a worker's parent holds it)
 
     async def start(self, on_bound: Callable[[Server], None] | None = None) -> None:
         """Bind and start everything. ``on_bound`` runs once the listeners are bound, before
@@ -112,7 +164,19 @@ class Server:
         load_components()
         cfg = self.config
         if self.prebound is None:  # a worker's parent has done this before forking
-            prepare_data_dir(cfg)
+            self._dir_lock = prepare_data_dir(cfg)
+        try:
+            await self._start(cfg, on_bound)
+        except BaseException:
+            self._release_dir()
+            raise
+
+    def _release_dir(self) -> None:
+        if self._dir_lock is not None:
+            self._dir_lock.release()
+            self._dir_lock = None
+
+    async def _start(self, cfg: Config, on_bound: Callable[[Server], None] | None) -> None:
         accounts = AccountDB(cfg.db_path)
         if self.prebound is not None:
             tls = self.parent_tls
@@ -220,6 +284,7 @@ class Server:
         if ctx is not None:
             ctx.spools.close()
             await asyncio.get_running_loop().run_in_executor(None, ctx.committer.close)
+        self._release_dir()
         log_event(log, "stopped")
 
     async def run_until_signal(self, on_ready: Callable[[Server], None] | None = None) -> None:

@@ -279,7 +279,14 @@ def serve_workers(cfg: Config, on_ready: Callable[[list[tuple[str, str]]], None]
     from . import run
 
     run.load_components()
-    prepare_data_dir(cfg)
+    lock = prepare_data_dir(cfg)  # inherited by the workers; held until the supervisor returns
+    try:
+        return _serve_locked(cfg, on_ready)
+    finally:
+        lock.release()
+
+
+def _serve_locked(cfg: Config, on_ready: Callable[[list[tuple[str, str]]], None] | None) -> int:
     try:
         tls = server_context(cfg)  # makes the self-signed certificate once, before forking
     except (OSError, ValueError) as exc:
