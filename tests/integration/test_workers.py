@@ -342,3 +342,35 @@ def test_a_second_server_on_a_live_data_dir_refuses_before_touching_it(tmp_path:
     finally:
         proc2.send_signal(signal.SIGTERM)
         assert proc2.wait(20) == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_mail_deleted_over_pop3_just_after_arrival_stays_deleted_after_a_kill(tmp_path: Path, workers: int) -> None:
+    """A message is journaled before its 250 and the journal's record stays pending for about
+    a second. A POP3 session that deletes it within that second must not let a crash (a
+    replay at the next start) bring it back: the deletion waits for the record's checkpoint.
+    With two workers the record may be in the other process's journal."""
+    import poplib
+
+    conf, ports = _conf(tmp_path, workers=workers)
+    with serve(conf, ports, workers if workers > 1 else 0) as proc:
+        kids = _children(proc.pid)
+        for i in range(3):
+            with smtplib.SMTP(HOST, ports["smtp"], timeout=10) as s:
+                s.sendmail("x@else.test", ["bill@w.test"], f"Subject: m{i}\r\n\r\nbody {i}\r\n".encode())
+        p = poplib.POP3(HOST, ports["pop3"], timeout=10)
+        p.user("bill@w.test")
+        p.pass_("billpw")
+        count = len(p.list()[1])
+        assert count == 3
+        for n in range(1, count + 1):
+            p.retr(n)
+            p.dele(n)
+        assert p.quit().startswith(b"+OK")
+        proc.kill()  # at once: no clean stop, no final checkpoint
+        proc.wait()
+        _wait(lambda: not any(Path(f"/proc/{k}").exists() for k in kids), timeout=30)
+    with serve(conf, ports, workers if workers > 1 else 0):
+        mail = tmp_path / "data" / "mail" / "1"
+        assert sorted(p.name for sub in ("new", "cur") for p in (mail / sub).iterdir()) == []
+    assert "restored=" not in (tmp_path / "serve.log").read_text()

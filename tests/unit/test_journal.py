@@ -16,9 +16,11 @@ from serpentmail.storage.journal import (
     Journal,
     JournalBusy,
     JournalFull,
+    pending_targets,
     records,
     replay,
     replay_all,
+    wait_checkpointed,
 )
 from serpentmail.storage.maildir import CommitJob, Committer, SpoolFile, ensure_maildir
 
@@ -289,3 +291,30 @@ def test_an_append_of_more_buffers_than_one_pwritev_takes_is_whole(tmp_path: Pat
     assert [t for t, _ in records(path)] == [[f"mail/1/new/m{i}"] for i in range(400)]
     assert replay(path, tmp_path).restored == 400
     assert (md / "new" / "m399").read_bytes() == b"message 399\r\n"
+
+
+def test_a_deletion_waits_for_the_checkpoint_of_its_record(tmp_path: Path) -> None:
+    """What POP3's UPDATE relies on (server/pop3.py): a pending record names its file until a
+    checkpoint; the process's own journal is checkpointed on demand, another's is waited for."""
+    md = _maildir(tmp_path, 1)
+    j = Journal(tmp_path / "journal" / "w0.log", tmp_path)
+    target = md / "new" / "m,S=5"
+    with j.lock:
+        j.append([Entry(b"hello", [target])])
+    target.write_bytes(b"hello")
+    rel = "mail/1/new/m,S=5"
+    assert pending_targets(tmp_path) == {rel}
+    # Not ours and never checkpointed: still pending when the wait gives up.
+    assert wait_checkpointed(tmp_path, {rel, "mail/1/new/other"}, None, 0.1) == {rel}
+    # Another process's checkpointer moves on meanwhile: the wait ends with it.
+    timer = threading.Timer(0.2, j.checkpoint)
+    timer.start()
+    assert wait_checkpointed(tmp_path, {rel}, None, 5.0) == set()
+    timer.join()
+    with j.lock:
+        j.append([Entry(b"again", [md / "new" / "n"])])
+    assert pending_targets(tmp_path) == {"mail/1/new/n"}
+    # Our own journal: checkpointed at once.
+    assert wait_checkpointed(tmp_path, {"mail/1/new/n"}, j, 0.0) == set()
+    assert pending_targets(tmp_path) == set()
+    j.close()

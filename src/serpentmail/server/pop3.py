@@ -48,6 +48,7 @@ from ..proto.pop3 import (
     StartTLS,
     Update,
 )
+from ..storage.journal import wait_checkpointed
 from ..storage.mailbox import Mailbox, MailboxInUse, open_mailbox
 from .context import ServerContext
 from .run import EXTRA_LISTENERS, open_listeners
@@ -70,6 +71,9 @@ CHUNK = 256 * 1024
 # size comes from fstat, not from trusting the ``,S=`` name, and larger messages stream from
 # worker threads as before.
 SYNC_READ_MAX = 128 * 1024
+# How long UPDATE waits for the delivery journal to checkpoint a message deleted just after it
+# arrived (normally about a second; longer only if checkpoints are failing, which is logged).
+JOURNAL_WAIT = 10.0
 
 
 def _is_loopback(ip: str) -> bool:
@@ -380,19 +384,42 @@ class POP3Session(EngineSession):
         loop = asyncio.get_running_loop()
         self._applying = True
         try:
-            await loop.run_in_executor(None, mailbox.apply, ev.deleted)
+            deleted, held = await loop.run_in_executor(None, self._settled, mailbox, ev.deleted)
+            await loop.run_in_executor(None, mailbox.apply, deleted)
         except OSError as exc:
             log_event(log, "update failed", logging.ERROR, user=self.user_address, client=self.ip, error=repr(exc))
             reply = P.UPDATE_FAILED
         else:
             reply = P.UPDATED
+            if held:  # RFC 1939 §6: the client is told, and deletes them at its next session
+                log_event(log, "update incomplete: messages still in the delivery journal", logging.ERROR,
+                          user=self.user_address, client=self.ip, kept_back=held)
+                reply = P.UPDATE_FAILED
             log_event(log, "logout", service="pop3", user=self.user_address, client=self.ip,
-                      deleted=len(ev.deleted), kept=len(mailbox.entries) - len(ev.deleted))
+                      deleted=len(deleted), kept=len(mailbox.entries) - len(deleted))
         finally:
             self._applying = False
         self._release_mailbox()
         if not self._closing:
             engine.update_done(reply)
+
+
+    def _settled(self, mailbox: Mailbox, deleted: Sequence[int]) -> tuple[list[int], int]:
+        """The messages of ``deleted`` that may be removed now (a worker-thread call), and how
+        many must stay. A message that arrived in the last second may still have a pending
+        record in a delivery journal (storage/journal.py): deleted now, a crash before that
+        record's checkpoint would bring it back at the next start. So the deletion waits for
+        the checkpoint (about a second at most); what is still pending after
+        :data:`JOURNAL_WAIT` seconds stays in the maildrop."""
+        cfg = self.ctx.config
+        if not deleted or not cfg.journal:
+            return list(deleted), 0
+        base = os.path.relpath(mailbox.path, cfg.data_dir)
+        # Journal records name the file as delivered: new/<name>, whatever POP3 renamed it to.
+        names = {i: f"{base}/new/{mailbox.entries[i].name.split(':2,', 1)[0]}" for i in deleted}
+        stuck = wait_checkpointed(cfg.data_dir, set(names.values()), self.ctx.committer.journal, JOURNAL_WAIT)
+        keep = [i for i in deleted if names[i] not in stuck]
+        return keep, len(deleted) - len(keep)
 
 
 def _open_and_read(mailbox: Mailbox, index: int) -> tuple[BinaryIO, bytes]:

@@ -18,12 +18,12 @@ After a crash (start-up, before anything listens: :func:`replay_all`), every rec
 the journal's durable start and its first invalid record is checked against the mailboxes: a
 file with the right bytes (in ``new/``, or in ``cur/`` under its ``:2,`` name) is left alone,
 a missing or damaged one is written again with the durable recipe. The records a crash can
-leave behind are the last second's at most, and only those can be written again: a message
-that was downloaded *and deleted* within that second of its arrival reappears once after an
-operating-system crash (delivered twice, never lost). A process crash loses nothing of the
-page cache, so there it only finishes the renames that had not happened. Likewise a record
-whose rename failed (the session answered 451) is placed by a replay after a crash: a
-duplicate at worst, as when a 250 is lost on the way.
+leave behind are the last second's at most. A process crash loses nothing of the page cache,
+so there the replay only finishes the renames that had not happened. Deleting a file that a
+pending record names would let a replay bring it back, so POP3 deletes such a message only
+after the record's checkpoint (:func:`wait_checkpointed`). A record whose rename failed (the
+session answered 451) is placed by a replay after a crash: a duplicate at worst, as when a
+250 is lost on the way.
 
 Layout (little-endian): block 0 holds the header (magic, generation, start offset, CRC-32);
 records follow from :data:`DATA_START`, each a 32-octet head (magic, generation, length of
@@ -264,6 +264,43 @@ def records(path: Path) -> Iterator[tuple[list[str], bytes]]:
             off += RECORD.size + mlen + dlen
     finally:
         os.close(fd)
+
+
+def pending_targets(root: Path) -> set[str]:
+    """The targets (relative to ``root``) of every record a journal under ``root/journal`` still
+    lists as pending. Cheap when nothing is pending (two reads per journal file): an idle
+    journal's header points at no record of its generation."""
+    out: set[str] = set()
+    directory = root / "journal"
+    if not directory.is_dir():
+        return out
+    for path in directory.glob("*.log"):
+        try:
+            for targets, _content in records(path):
+                out.update(targets)
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def wait_checkpointed(root: Path, targets: set[str], own: Journal | None, timeout: float) -> set[str]:
+    """Block until no journal lists any of ``targets`` (relative to ``root``) as pending; return
+    the ones still pending after ``timeout`` seconds.
+
+    A file must not be deleted while a record for it is pending: a replay after a crash would
+    find it missing and write it again, bringing back a message the user deleted. ``own`` (this
+    process's journal) is checkpointed at once; another process's checkpointer moves on within
+    about :data:`CHECKPOINT_SECONDS`."""
+    waiting = targets & pending_targets(root)
+    if waiting and own is not None:
+        with contextlib.suppress(OSError):
+            own.checkpoint()
+        waiting &= pending_targets(root)
+    deadline = time.monotonic() + timeout
+    while waiting and time.monotonic() < deadline:
+        time.sleep(0.05)
+        waiting &= pending_targets(root)
+    return waiting
 
 
 @dataclass(slots=True)
