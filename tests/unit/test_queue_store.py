@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from serpentmail.queue.store import EnvelopeRecord, QueueError, QueueStore, valid_id
+from serpentmail.storage.journal import Journal, records, replay_all
 from serpentmail.storage.maildir import Committer, SpoolFile, SpoolPool
 
 
@@ -214,3 +215,115 @@ def test_new_envelopes_use_spare_files_made_off_the_event_loop(tmp_path: Path) -
     assert list(store.tmp.iterdir())
     store.recover()
     assert list(store.tmp.iterdir()) == []
+
+
+# --- items journaled by the process that removes them (storage/journal.py) ------------------
+
+
+def _journaled_store(tmp_path: Path) -> tuple[QueueStore, Committer, Journal]:
+    journal = Journal(tmp_path / "journal" / "w0.log", tmp_path)
+    committer = Committer(journal=journal)
+    return QueueStore(tmp_path, committer, journal=True), committer, journal
+
+
+def _crash(committer: Committer, journal: Journal) -> None:
+    """The process dies: no last checkpoint, the journal's lock goes with its descriptor."""
+    committer._stop.set()
+    for _ in committer._threads:
+        committer._q.put(None)
+    for t in committer._threads:
+        t.join(timeout=10)
+    os.close(journal.fd)
+
+
+def _enqueue(store: QueueStore, content: bytes) -> str:
+    rec = asyncio.run(store.enqueue(_spool(store, content), "a@b.test", ["x@y.test"]))
+    return rec.id
+
+
+def test_a_journaled_item_lost_in_a_crash_comes_back_whole(tmp_path: Path) -> None:
+    store, committer, journal = _journaled_store(tmp_path)
+    body = b"Subject: q\r\n\r\nqueued once\r\n"
+    qid = _enqueue(store, body)
+    env = store.env_path(qid).read_bytes()
+    assert {t for targets, _ in records(journal.path) for t in targets} == {f"queue/data/{qid}", f"queue/env/{qid}.json"}
+    _crash(committer, journal)
+    # An operating-system crash lost what no flush had covered: the renames and the blocks.
+    os.unlink(store.env_path(qid))
+    store.data_path(qid).write_bytes(b"\0" * len(body))
+
+    report = replay_all(tmp_path)
+    assert (report.restored, report.rewritten) == (1, 1)
+    assert store.data_path(qid).read_bytes() == body
+    assert store.env_path(qid).read_bytes() == env
+    assert QueueStore(tmp_path).recover() is not None and list(QueueStore(tmp_path).ids()) == [qid]
+
+
+def test_a_removal_recorded_in_the_journal_is_finished_not_undone_after_a_crash(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Delivered within milliseconds: removed with no flush, the removal recorded in the journal.
+    A kill before the checkpoint must neither bring the item back (delivered twice) nor leave
+    half of it."""
+    import serpentmail.queue.store as store_mod
+
+    store, committer, journal = _journaled_store(tmp_path)
+    a = _enqueue(store, b"Subject: a\r\n\r\nfirst\r\n")
+    b = _enqueue(store, b"Subject: b\r\n\r\nsecond\r\n")
+    synced: list[Path] = []
+    with monkeypatch.context() as m:
+        m.setattr(store_mod, "fsync_dir", synced.append)
+        assert store.remove_many([a]) == {a}
+    assert synced == []  # no flush: the next checkpoint covers the removal
+    assert not store.env_path(a).exists() and not store.data_path(a).exists()
+    # A crash between the removal record and the files going: the replay finishes the job.
+    with journal.lock:
+        journal.append_removal([store.env_path(b), store.data_path(b)])
+    _crash(committer, journal)
+
+    report = replay_all(tmp_path)
+    assert (report.restored, report.rewritten, report.removed) == (0, 0, 2)
+    assert list(QueueStore(tmp_path).ids()) == [] and list(store.data.iterdir()) == []
+
+
+def test_an_item_a_checkpoint_covered_is_removed_durably(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import serpentmail.queue.store as store_mod
+
+    store, committer, journal = _journaled_store(tmp_path)
+    qid = _enqueue(store, b"Subject: c\r\n\r\ndeferred a while\r\n")
+    journal.checkpoint()  # its records are redundant now: a removal must not rely on them
+    synced: list[Path] = []
+    with monkeypatch.context() as m:
+        m.setattr(store_mod, "fsync_dir", synced.append)
+        assert store.remove_many([qid]) == {qid}
+    assert synced == [store.env]
+    assert list(records(journal.path)) == []  # no removal record either
+    committer.close()
+
+
+def test_a_rewritten_envelope_is_left_alone_by_the_replay(tmp_path: Path) -> None:
+    """Delivery attempts rewrite the envelope with the durable recipe: the journal's first
+    version must not overwrite it (recipients already done would get the mail again)."""
+    store, committer, journal = _journaled_store(tmp_path)
+    qid = _enqueue(store, b"Subject: r\r\n\r\nrewritten\r\n")
+    rec = store.load(qid)
+    assert rec is not None
+    rec.recipients[0].state = "delivered"
+    store.save(rec)
+    _crash(committer, journal)
+
+    report = replay_all(tmp_path)
+    assert (report.restored, report.rewritten, report.intact) == (0, 0, 2)
+    again = store.load(qid)
+    assert again is not None and again.recipients[0].state == "delivered"
+
+
+def test_only_a_journaling_store_takes_the_journal(tmp_path: Path) -> None:
+    """Another worker's items are removed by the primary: they keep the durable recipe."""
+    journal = Journal(tmp_path / "journal" / "w1.log", tmp_path)
+    committer = Committer(journal=journal)
+    store = QueueStore(tmp_path, committer)
+    try:
+        _enqueue(store, b"Subject: f\r\n\r\nforwarded\r\n")
+        assert list(records(journal.path)) == []
+    finally:
+        committer.close()

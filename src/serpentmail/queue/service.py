@@ -183,7 +183,10 @@ ADOPT_SCAN_INTERVAL = 30.0  # seconds between the primary's scans for items it w
 async def _start_queue(server: Server) -> Callable[[], Awaitable[None]] | None:
     ctx = server.ctx
     assert ctx is not None
-    store = QueueStore(server.config.data_dir, ctx.committer, recycler=ctx.recycler)
+    # Only the process that runs the scheduler journals new items: it is the one that removes
+    # them, and a removal must be recorded in the journal that holds the item (QueueStore).
+    primary = server.worker_count == 1 or server.worker_index == 0
+    store = QueueStore(server.config.data_dir, ctx.committer, recycler=ctx.recycler, journal=primary)
     if server.worker_count > 1 and server.worker_index != 0:
         assert server.notify_fd is not None
         ctx.outbound = QueueForwarder(store, server.notify_fd)

@@ -23,6 +23,10 @@ Invariants (see docs/queue-states.md for the full table):
   ever resurrected.
 * Removal deletes the envelope first (the commit point of "gone", made durable by an fsync of
   ``env/``, one for a whole batch of removals), then the data file.
+* With ``journal=True`` (the scheduler's process), new items go through the delivery journal
+  (one flush, no fsync of the files or directories), and an item delivered before the
+  journal's next checkpoint is removed with a removal record instead of any fsync
+  (:meth:`QueueStore._remove_journaled`; docs/queue-states.md, "Journaled items").
 * Listing reads envelopes only (small JSON), never message bodies: :meth:`QueueStore.scan`
   yields one envelope at a time, so 100,000 queued messages are never all in memory.
 
@@ -46,6 +50,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..storage.fsutil import fsync_dir
+from ..storage.journal import JournalFull
 from ..storage.maildir import Committer, Recycler, SpoolFile, SpoolPool, commit_async
 
 RecipientState = Literal["pending", "delivered", "failed"]
@@ -172,7 +177,7 @@ class QueueStore:
     """Files of the outbound queue. Thread-safe for distinct ids; one writer per id."""
 
     def __init__(self, data_dir: Path, committer: Committer | None = None,
-                 clock: Any = time.time, recycler: Recycler | None = None) -> None:
+                 clock: Any = time.time, recycler: Recycler | None = None, *, journal: bool = False) -> None:
         self.data_dir = data_dir
         self.root = data_dir / "queue"
         self.data = self.root / "data"
@@ -184,6 +189,11 @@ class QueueStore:
         self.clock = clock
         # The server's: removed items' files are kept for reuse (storage/maildir.py explains why).
         self.recycler = recycler
+        # The committer's delivery journal takes new items (``journal``: only the process that
+        # also removes them, the one running the scheduler; see :meth:`remove_many`).
+        self.journal = committer.journal if journal and committer is not None else None
+        # Items this process journaled: id -> the journal epoch of their two records.
+        self._journaled: dict[str, int] = {}
         # remove_batched: requests waiting for the next batch, on one event loop.
         self._rm_loop: asyncio.AbstractEventLoop | None = None
         self._rm_pending: list[tuple[str, asyncio.Future[bool]]] = []
@@ -238,12 +248,16 @@ class QueueStore:
             return record
         loop = asyncio.get_running_loop()
         committer = self.committer
-        results = await asyncio.gather(*(commit_async(committer, sp, [target], keep_spool=True) for sp, target in jobs),
-                                       return_exceptions=True)
+        journal = self.journal is not None
+        results = await asyncio.gather(*(commit_async(committer, sp, [target], keep_spool=True, journal=journal)
+                                         for sp, target in jobs), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             await loop.run_in_executor(None, self.remove, qid)
             raise errors[0]
+        data_epoch, env_epoch = results
+        if isinstance(data_epoch, int) and isinstance(env_epoch, int):
+            self._journaled[qid] = min(data_epoch, env_epoch)
         return record
 
     def _env_spool(self) -> SpoolFile:
@@ -355,6 +369,11 @@ class QueueStore:
         With a :class:`Recycler` (the server), "unlinked" means renamed into its directory and
         emptied: the same commit point, and the files are reused for new spools."""
         existed: set[str] = set()
+        if self._journaled:
+            fast = self._remove_journaled(qids)
+            qids = [q for q in qids if q not in fast]
+        else:
+            fast = set()
         recycler = self.recycler
         for qid in qids:
             try:
@@ -367,6 +386,7 @@ class QueueStore:
                 continue
         if existed:
             fsync_dir(self.env)
+        existed |= fast
         for qid in qids:
             try:
                 if recycler is None:
@@ -377,6 +397,47 @@ class QueueStore:
             except FileNotFoundError:
                 continue
         return existed
+
+    def _remove_journaled(self, qids: list[str]) -> set[str]:
+        """Remove, without any flush, the items of ``qids`` whose journal records no checkpoint
+        has covered yet (in submission, nearly every item: it is delivered within
+        milliseconds). A removal record goes to the journal first, then the files go, all
+        under the journal's lock, so the next checkpoint's flush covers the removal too.
+
+        Why this is safe: until that checkpoint, a crash leaves the item's records pending,
+        and the replay either finishes the recorded removal or, if an operating-system crash
+        lost the record, writes the item again from the journal (delivered twice, never lost,
+        never with a recycled file's bytes). An item already covered by a checkpoint takes
+        the durable removal instead. Returns the ids removed here."""
+        journal = self.journal
+        assert journal is not None
+        done: set[str] = set()
+        with journal.lock:
+            epoch = journal.epoch
+            fresh = [q for q in qids if self._journaled.pop(q, None) == epoch]
+            if len(self._journaled) > 4096:  # ids of items still queued from earlier epochs
+                # In place: the event loop may be adding an id meanwhile.
+                for q, e in list(self._journaled.items()):
+                    if e != epoch:
+                        self._journaled.pop(q, None)
+            if not fresh:
+                return done
+            try:
+                journal.append_removal([p for q in fresh for p in (self.env_path(q), self.data_path(q))])
+            except (JournalFull, OSError):
+                return done  # the durable removal takes them
+            recycler = self.recycler
+            for qid in fresh:
+                for path, empty_first in ((self.env_path(qid), False), (self.data_path(qid), True)):
+                    try:
+                        if recycler is None:
+                            os.unlink(path)
+                        else:
+                            recycler.put(path, empty_first=empty_first)
+                        done.add(qid)
+                    except FileNotFoundError:
+                        continue
+        return done
 
     async def remove_batched(self, qid: str) -> bool:
         """:meth:`remove` from the event loop, group-committed: removals requested while a

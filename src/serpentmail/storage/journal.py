@@ -3,11 +3,12 @@
 Maildir's recipe (:mod:`.maildir`) makes a message durable with two flushes in a row: the
 file's fsync, then its directory's after the rename. On the reference disk each flush is a few
 hundred microseconds, and at one session they are most of the time between the client's final
-dot and our 250. The journal takes their place for local deliveries:
+dot and our 250. The journal takes their place for local deliveries (and for the queue items
+that the process running the queue accepts; see queue/store.py and the replay below):
 
-1. the message is appended to a preallocated journal file (header, its Maildir targets, its
-   bytes, a CRC-32) and the journal is ``fdatasync``'d: its blocks were written once, when the
-   file was made, so this is one flush with no metadata to write;
+1. the message is appended to the journal file (header, its Maildir targets, its bytes, a
+   CRC-32) and the journal is ``fdatasync``'d: one flush (the file's size is fixed when it is
+   made; its first lap also writes the block map of the blocks it fills);
 2. the temp file is renamed (or linked) into each ``new/``, with no fsync, and the 250 is sent;
 3. a checkpoint, at most :data:`CHECKPOINT_SECONDS` later, runs ``syncfs`` on the filesystem
    (every rename and every file of the interval in one flush) and then advances the
@@ -28,7 +29,8 @@ session answered 451) is placed by a replay after a crash: a duplicate at worst,
 Layout (little-endian): block 0 holds the header (magic, generation, start offset, CRC-32);
 records follow from :data:`DATA_START`, each a 32-octet head (magic, generation, length of
 the targets, length of the content, CRC-32 of targets + content, CRC-32 of the head itself),
-the targets (paths relative to the data directory, one per line) and the content. A record
+the targets (paths relative to the data directory, one per line) and the content; a record
+with no content whose targets start with ``-`` says those queue files are being removed. A record
 whose generation is not the header's, or whose checksums fail, ends the scan: it is either a
 previous lap's or one whose append was cut short (and so never acknowledged).
 """
@@ -39,6 +41,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import fcntl
+import json
 import logging
 import os
 import struct
@@ -62,6 +65,8 @@ DATA_START = 4096
 DEFAULT_SIZE = 64 << 20
 CHECKPOINT_SECONDS = 1.0
 MAX_RECORD = 1 << 20
+REMOVED = "-"  # a target line starting with this names a file being removed (no content)
+QUEUE_PREFIX = "queue/"  # targets under this are queue files, not Maildir messages
 
 _libc: ctypes.CDLL | None = None
 
@@ -116,6 +121,9 @@ class Journal:
         self.size = os.fstat(self.fd).st_size
         self.gen, _ = _read_header(self.fd)
         self.start = self.end = DATA_START
+        # Counts the checkpoints that took a snapshot: a record appended in the current epoch
+        # is in no snapshot yet, so nothing has made it redundant (see :meth:`append_removal`).
+        self.epoch = 0
         # Bigger messages take the Maildir recipe: their own writes dwarf the flushes.
         self.max_record = min(MAX_RECORD, (self.size - DATA_START) // 4)
         self._since: float | None = None  # when the oldest record not yet checkpointed was written
@@ -149,6 +157,25 @@ class Journal:
             for t in e.targets:
                 self._dirs.add(t.parent)
 
+    def append_removal(self, targets: list[Path]) -> None:
+        """Record that ``targets`` are being removed (call with :attr:`lock` held, before
+        removing them, and only for files whose records were appended in the current
+        :attr:`epoch`). No flush: a process crash keeps it in the page cache, so the replay
+        finishes the removal instead of writing the files again; an operating-system crash
+        may lose it together with the removal, and the replay then restores the files (the
+        work is done twice, nothing is lost). Raises :class:`JournalFull` or OSError."""
+        meta = "\n".join(REMOVED + os.path.relpath(t, self.root) for t in targets).encode()
+        head = RECORD.pack(RECORD_MAGIC, self.gen, len(meta), 0, zlib.crc32(meta), 0)
+        head = head[:-4] + struct.pack("<I", zlib.crc32(head[:-4]))
+        if self.end + len(head) + len(meta) > self.size:
+            raise JournalFull
+        _pwrite_all(self.fd, [head, meta], self.end)
+        self.end += len(head) + len(meta)
+        if self._since is None:
+            self._since = time.monotonic()
+        for t in targets:
+            self._dirs.add(t.parent)
+
     def checkpoint(self) -> None:
         """Make every record written so far redundant: one ``syncfs`` per filesystem the
         interval's files are on, then the header moves past them (and the journal starts over
@@ -162,6 +189,7 @@ class Journal:
             if end == self.start:
                 return
             self._dirs = set()
+            self.epoch += 1
         try:
             syncfs(self.fd)
             seen = {os.fstat(self.fd).st_dev}
@@ -309,6 +337,7 @@ class ReplayReport:
     rewritten: int = 0  # found damaged (a crash lost their blocks) and written again
     restored: int = 0  # missing (their rename was lost) and written again
     skipped: int = 0  # their mailbox no longer exists
+    removed: int = 0  # queue files whose recorded removal the crash interrupted, removed now
 
 
 class JournalBusy(OSError):
@@ -349,9 +378,20 @@ def _replay(path: Path, root: Path, fd: int) -> ReplayReport:
     except ValueError:
         log_event(log, "journal has no valid header; nothing in it was acknowledged", logging.WARNING, path=str(path))
         pending = []
+    gone = {t[len(REMOVED):] for targets, _ in pending for t in targets if t.startswith(REMOVED)}
     for targets, content in pending:
         for rel in targets:
-            _restore(root / rel, content, report)
+            if rel.startswith(REMOVED) or rel in gone:
+                continue
+            if rel.startswith(QUEUE_PREFIX):
+                _restore_queue_file(root / rel, content, report)
+            else:
+                _restore(root / rel, content, report)
+    for rel in sorted(gone, key=lambda r: "/env/" not in r):
+        # The removal was recorded, then the crash came: finish it (envelopes first, as ever).
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(root / rel)
+            report.removed += 1
     if pending:
         syncfs(fd)  # a process crash leaves the files in the page cache only
     try:
@@ -359,9 +399,10 @@ def _replay(path: Path, root: Path, fd: int) -> ReplayReport:
     except ValueError:
         gen = 0
     _write_header(fd, gen + 1, DATA_START)
-    if report.rewritten or report.restored or report.skipped:
+    if report.rewritten or report.restored or report.skipped or report.removed:
         log_event(log, "journal replayed", logging.WARNING, path=str(path), intact=report.intact,
-                  rewritten=report.rewritten, restored=report.restored, skipped=report.skipped)
+                  rewritten=report.rewritten, restored=report.restored, skipped=report.skipped,
+                  removed=report.removed)
     return report
 
 
@@ -381,7 +422,55 @@ def replay_all(root: Path) -> ReplayReport:
         total.rewritten += r.rewritten
         total.restored += r.restored
         total.skipped += r.skipped
+        total.removed += r.removed
     return total
+
+
+def _restore_queue_file(target: Path, content: bytes, report: ReplayReport) -> None:
+    """Make queue file ``target`` (``queue/data/<id>`` or ``queue/env/<id>.json``) whole.
+
+    A data file never changes, so it must hold the journal's bytes. An envelope is rewritten
+    by delivery attempts (always with the durable recipe), so any envelope that parses is
+    the newest one and is left alone; only a missing or unreadable one is written again."""
+    try:
+        with open(target, "rb") as f:
+            found = f.read(len(content) + 1)
+    except FileNotFoundError:
+        found = None
+    except OSError:
+        found = b""
+    if found == content:
+        report.intact += 1
+        return
+    if found is not None and target.name.endswith(".json"):
+        try:
+            if isinstance(json.loads(target.read_bytes()), dict):
+                report.intact += 1
+                return
+        except (OSError, ValueError):
+            pass
+    if found is None:
+        report.restored += 1
+    else:
+        report.rewritten += 1
+    tmp_dir = target.parent.parent / "tmp"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _write_durably(tmp_dir / f"{target.name}.replay", content, target)
+
+
+def _write_durably(tmp: Path, content: bytes, final: Path) -> None:
+    """The recipe: ``tmp`` written and fsync'd, renamed to ``final``, its directory fsync'd."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(content)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
 
 
 def _restore(target: Path, content: bytes, report: ReplayReport) -> None:
@@ -415,13 +504,4 @@ def _restore(target: Path, content: bytes, report: ReplayReport) -> None:
     found.parent.mkdir(parents=True, exist_ok=True)
     tmp = maildir / "tmp" / f"{found.name}.replay"
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(content)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, found)
-    fsync_dir(found.parent)
+    _write_durably(tmp, content, found)

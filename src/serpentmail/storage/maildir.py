@@ -131,8 +131,9 @@ class CommitJob:
     links: list[Path]  # final paths (e.g. <maildir>/new/<unique>,S=<size>)
     on_done: Callable[[BaseException | None], None]
     keep_spool: bool = False  # True: the temp file itself is the final file (renamed, not linked)
-    journal: bool = False  # may go through the committer's journal (a local delivery)
+    journal: bool = False  # may go through the committer's journal
     done: bool = field(default=False)
+    epoch: int | None = None  # set when journaled: the journal's epoch at the append
 
 
 class Committer:
@@ -249,6 +250,8 @@ class Committer:
                 else:
                     # Placed while the lock is held: a checkpoint covers only placed records.
                     results = [(job, _place(job)) for job in jobs]
+                    for job in jobs:
+                        job.epoch = journal.epoch
                     break
             if attempt == 0:
                 try:
@@ -452,22 +455,24 @@ def deliver_bytes(data_dir: Path, maildirs: list[Path], content: bytes) -> list[
 
 
 async def commit_async(committer: Committer, spool: SpoolFile, links: list[Path], *, keep_spool: bool = False,
-                       journal: bool = False) -> None:
+                       journal: bool = False) -> int | None:
     """Run the durable recipe for ``spool`` in ``committer`` and wait for it; raise on failure.
+    Returns the journal epoch the job was appended in (None: it took the recipe).
 
     The future is settled on the event loop once the committer's batch holding this job is
     durable (one wake-up per batch, see :class:`_LoopWaker`)."""
     import asyncio
 
     fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    commit_then(committer, spool, links, functools.partial(_settle_future, fut), keep_spool=keep_spool,
-                journal=journal)
+    job = commit_then(committer, spool, links, functools.partial(_settle_future, fut), keep_spool=keep_spool,
+                      journal=journal)
     await fut
+    return job.epoch
 
 
 def commit_then(committer: Committer, spool: SpoolFile, links: list[Path],
                 callback: Callable[[BaseException | None], None], *, keep_spool: bool = False,
-                journal: bool = False) -> None:
+                journal: bool = False) -> CommitJob:
     """Run the durable recipe for ``spool`` in ``committer``; ``callback(error or None)`` runs
     on the running event loop once the batch holding the job is durable (or failed). For a
     caller that needs no coroutine (a session answering once its message is on disk)."""
@@ -478,7 +483,9 @@ def commit_then(committer: Committer, spool: SpoolFile, links: list[Path],
     def done(err: BaseException | None) -> None:  # runs in a committer thread
         waker.add(callback, err)
 
-    committer.submit(CommitJob(spool, links, done, keep_spool=keep_spool, journal=journal))
+    job = CommitJob(spool, links, done, keep_spool=keep_spool, journal=journal)
+    committer.submit(job)
+    return job
 
 
 class Recycler:
