@@ -327,3 +327,18 @@ def test_only_a_journaling_store_takes_the_journal(tmp_path: Path) -> None:
         assert list(records(journal.path)) == []
     finally:
         committer.close()
+
+
+def test_an_envelope_showing_another_items_bytes_is_written_again(tmp_path: Path) -> None:
+    """After a power cut a reused file can show the blocks of the envelope it held before:
+    valid JSON, but not this item's."""
+    store, committer, journal = _journaled_store(tmp_path)
+    old = _enqueue(store, b"Subject: o\r\n\r\nold\r\n")
+    qid = _enqueue(store, b"Subject: n\r\n\r\nnew\r\n")
+    env = store.env_path(qid).read_bytes()
+    _crash(committer, journal)
+    store.env_path(qid).write_bytes(store.env_path(old).read_bytes())
+
+    report = replay_all(tmp_path)
+    assert report.rewritten == 1
+    assert store.env_path(qid).read_bytes() == env

@@ -444,11 +444,13 @@ def _restore_queue_file(target: Path, content: bytes, report: ReplayReport) -> N
         return
     if found is not None and target.name.endswith(".json"):
         try:
-            if isinstance(json.loads(target.read_bytes()), dict):
-                report.intact += 1
-                return
+            obj = json.loads(target.read_bytes())
         except (OSError, ValueError):
-            pass
+            obj = None
+        # Its own id: after a power cut a file can show blocks of another (a reused file's).
+        if isinstance(obj, dict) and obj.get("id") == target.name[:-len(".json")]:
+            report.intact += 1
+            return
     if found is None:
         report.restored += 1
     else:
