@@ -411,3 +411,17 @@ def test_relayed_mail_is_not_sent_again_after_a_kill_right_after_delivery(tmp_pa
     # without the journal); were the recorded removals undone, nearly all would come twice.
     assert len(got) - n <= 5, (len(got), len(pending))
     assert "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_unusable_data_dir_is_one_clear_error(tmp_path: Path, workers: int) -> None:
+    (tmp_path / "afile").write_text("not a directory")
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'data_dir = "{tmp_path / "afile" / "data"}"\nworkers = {workers}\n'
+                    f'[smtp]\nlisten = ["{HOST}:{free_port(HOST)}"]\n[submission]\nlisten = []\n'
+                    '[submissions]\nlisten = []\n[pop3]\nlisten = []\n[pop3s]\nlisten = []\n')
+    res = subprocess.run([sys.executable, "-m", "serpentmail", "-c", str(conf), "serve"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0
+    assert f"cannot start: cannot use data directory {tmp_path / 'afile' / 'data'}: Not a directory" in res.stderr
+    assert "Traceback" not in res.stderr + res.stdout

@@ -90,13 +90,17 @@ def prepare_data_dir(cfg: Config) -> DataDirLock:
     per start, before anything can receive mail (with workers: in the parent, before forking).
     Returns the data directory's lock, held until the caller releases it (StartupError if
     another server holds it)."""
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
     try:
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
         lock = DataDirLock(cfg.data_dir)
     except OSError as exc:
-        raise StartupError(f"cannot lock data directory {cfg.data_dir}: {exc.strerror or exc}") from exc
+        raise StartupError(f"cannot use data directory {cfg.data_dir}: {exc.strerror or exc}") from exc
     try:
         _prepare_locked(cfg)
+    except OSError as exc:
+        lock.release()
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise StartupError(f"cannot prepare data directory {cfg.data_dir}: {exc.strerror or exc}{where}") from exc
     except BaseException:
         lock.release()
         raise
