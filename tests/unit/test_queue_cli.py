@@ -51,3 +51,15 @@ def test_queue_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert main(["-c", conf, "queue", "delete", rec.id]) == 0
     assert list(store.ids()) == [] and not store.data_path(rec.id).exists()
     assert main(["-c", conf, "queue", "delete", rec.id]) == 1
+
+
+@pytest.mark.parametrize("command", [["queue", "list"], ["domain", "list"], ["user", "list"]])
+def test_an_unusable_data_dir_is_one_line_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         command: list[str]) -> None:
+    (tmp_path / "afile").write_text("not a directory")
+    conf = tmp_path / "mail.toml"
+    conf.write_text(f'hostname = "mx.test"\ndata_dir = "{tmp_path / "afile" / "data"}"\n')
+    assert main(["-c", str(conf), *command]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: Not a directory: ") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1

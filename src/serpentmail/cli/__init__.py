@@ -7,6 +7,7 @@ exit code, never as a traceback.
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 
 from . import accounts as _accounts  # noqa: F401  (registers commands)
@@ -37,6 +38,13 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, click.ClickException):
             exc.show()
             return exc.exit_code
+        if isinstance(exc, OSError):  # the data directory unusable, a file unreadable, ...
+            where = f": {exc.filename}" if exc.filename else ""
+            print(f"Error: {exc.strerror or exc}{where}", file=sys.stderr)
+            return 1
+        if isinstance(exc, sqlite3.Error):
+            print(f"Error: accounts database: {exc}", file=sys.stderr)
+            return 1
         raise
     return int(result or 0) if isinstance(result, int) else 0
 
