@@ -32,6 +32,7 @@ import ipaddress
 import logging
 import os
 import stat
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -74,6 +75,7 @@ SYNC_READ_MAX = 128 * 1024
 # How long UPDATE waits for the delivery journal to checkpoint a message deleted just after it
 # arrived (normally about a second; longer only if checkpoints are failing, which is logged).
 JOURNAL_WAIT = 10.0
+JOURNAL_HORIZON = 60.0  # seconds: older messages are not looked up in the journals
 
 
 def _is_loopback(ip: str) -> bool:
@@ -403,7 +405,6 @@ class POP3Session(EngineSession):
         if not self._closing:
             engine.update_done(reply)
 
-
     def _settled(self, mailbox: Mailbox, deleted: Sequence[int]) -> tuple[list[int], int]:
         """The messages of ``deleted`` that may be removed now (a worker-thread call), and how
         many must stay. A message that arrived in the last second may still have a pending
@@ -412,14 +413,26 @@ class POP3Session(EngineSession):
         the checkpoint (about a second at most); what is still pending after
         :data:`JOURNAL_WAIT` seconds stays in the maildrop."""
         cfg = self.ctx.config
-        if not deleted or not cfg.journal:
+        # Only mail of the last minute can still be in a journal (a checkpoint comes about
+        # every second): older names are not looked up, so a busy journal is not read for
+        # every QUIT. The time is the one our delivery put at the start of the name.
+        horizon = time.time() - JOURNAL_HORIZON
+        recent = [i for i in deleted if _arrival(mailbox.entries[i].name) >= horizon]
+        if not recent or not cfg.journal:
             return list(deleted), 0
         base = os.path.relpath(mailbox.path, cfg.data_dir)
         # Journal records name the file as delivered: new/<name>, whatever POP3 renamed it to.
-        names = {i: f"{base}/new/{mailbox.entries[i].name.split(':2,', 1)[0]}" for i in deleted}
+        names = {i: f"{base}/new/{mailbox.entries[i].name.split(':2,', 1)[0]}" for i in recent}
         stuck = wait_checkpointed(cfg.data_dir, set(names.values()), self.ctx.committer.journal, JOURNAL_WAIT)
-        keep = [i for i in deleted if names[i] not in stuck]
+        keep = [i for i in deleted if names.get(i) not in stuck]
         return keep, len(deleted) - len(keep)
+
+
+def _arrival(name: str) -> float:
+    """The delivery time at the start of a Maildir name (``<seconds>.M...``); a name of another
+    form counts as just arrived (so it is looked up)."""
+    head = name.split(".", 1)[0]
+    return float(head) if head.isdigit() else float("inf")
 
 
 def _open_and_read(mailbox: Mailbox, index: int) -> tuple[BinaryIO, bytes]:
