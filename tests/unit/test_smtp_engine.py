@@ -781,3 +781,21 @@ def test_arbitrary_text_commands_never_raise(verb: str, arg: str) -> None:
     for opts in (MX, SUBMISSION_TLS):
         _check_never_raises(opts, [EHLO, b"MAIL FROM:<a@b.test>\r\n", line + b"\r\n",
                                    b"MAIL FROM:<a@b.test> " + line + b"\r\n", b"RCPT TO:<" + line + b">\r\n"], [])
+
+
+@given(st.lists(st.binary(max_size=12).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), min_size=1, max_size=40),
+       st.lists(st.booleans(), max_size=40),
+       st.lists(st.integers(min_value=1, max_value=4000), max_size=10))
+def test_hypothesis_stuffed_lines_come_back_as_sent(lines: list[bytes], dotted: list[bool], cuts: list[int]) -> None:
+    """Against a reference: lines (some starting with dots) stuffed as a client does (RFC 5321
+    §4.5.2), the stream cut anywhere; the body is the original lines, whatever the cuts."""
+    lines = [(b"." + ln if i < len(dotted) and dotted[i] else ln) for i, ln in enumerate(lines)]
+    original = b"".join(ln + b"\r\n" for ln in lines)
+    stuffed = b"".join((b"." + ln if ln.startswith(b".") else ln) + b"\r\n" for ln in lines)
+    stream = EHLO + ENVELOPE + b"DATA\r\n" + stuffed + b".\r\nNOOP\r\n"
+    bounds = sorted({c for c in cuts if c < len(stream)})
+    s = Session()
+    for a, b in zip([0, *bounds], [*bounds, len(stream)], strict=True):
+        s.feed(stream[a:b])
+    assert s.body == original
+    assert s.codes()[-2:] == ["250 2.0.0", "250 2.0.0"]

