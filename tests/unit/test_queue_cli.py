@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,39 @@ def test_an_unusable_data_dir_is_one_line_not_a_traceback(tmp_path: Path, capsys
     err = capsys.readouterr().err
     assert err.startswith("Error: Not a directory: ") and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_delete_waits_for_the_journal_and_refuses_an_item_only_a_replay_can_settle(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An item accepted less than a second ago is still in the server's delivery journal: a
+    delete then a crash would bring it back at the next start. With no server to checkpoint
+    it, the delete is refused with what to do."""
+    import asyncio
+
+    import serpentmail.cli.queue as queue_cli
+    from serpentmail.storage.journal import Journal, replay_all
+    from serpentmail.storage.maildir import Committer, SpoolFile
+
+    monkeypatch.setattr(queue_cli, "JOURNAL_WAIT", 0.2)
+    conf = _conf(tmp_path)
+    data = tmp_path / "data"
+    journal = Journal(data / "journal" / "w0.log", data)
+    committer = Committer(journal=journal)
+    store = QueueStore(data, committer, journal=True)
+    sp = SpoolFile(store.spool_tmp)
+    sp.write(b"Subject: fresh\r\n\r\nbody\r\n")
+    rec = asyncio.run(store.enqueue(sp, "a@b.test", ["x@y.test"]))
+    # The server dies before its checkpoint.
+    committer._stop.set()
+    committer._q.put(None)
+    for t in committer._threads:
+        t.join(timeout=10)
+    os.close(journal.fd)
+    capsys.readouterr()
+
+    assert main(["-c", conf, "queue", "delete", rec.id]) == 1
+    assert "start the server" in capsys.readouterr().err
+    assert store.exists(rec.id)
+    replay_all(data)  # what the next start does first
+    assert main(["-c", conf, "queue", "delete", rec.id]) == 0
+    assert not store.exists(rec.id)

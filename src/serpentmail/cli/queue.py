@@ -21,7 +21,10 @@ import click
 from rich.table import Table
 
 from ..queue.store import EnvelopeRecord, QueueStore, valid_id
+from ..storage.journal import wait_checkpointed
 from .app import State, cli, console, emit_json, fail
+
+JOURNAL_WAIT = 3.0  # seconds: a running server checkpoints its journal about every second
 
 
 def _store(state: State) -> QueueStore:
@@ -169,6 +172,13 @@ def queue_delete(state: State, qid: str, as_json: bool) -> None:
     store = _store(state)
     if not valid_id(qid):
         fail(f"bad queue id {qid!r}")
+    # An item accepted in the last second may still be in the server's delivery journal:
+    # deleted now, a crash before the journal's checkpoint would bring it back at the next
+    # start. A running server checkpoints within about a second.
+    names = {f"queue/data/{qid}", f"queue/env/{qid}.json"}
+    if wait_checkpointed(state.config.data_dir, names, None, JOURNAL_WAIT):
+        fail(f"queue item {qid} is still in a delivery journal that no running server has checkpointed; "
+             "start the server (its start replays the journal), then delete it")
     if not store.remove(qid):
         fail(f"no such queue item: {qid}")
     if as_json:
