@@ -342,3 +342,31 @@ def test_an_envelope_showing_another_items_bytes_is_written_again(tmp_path: Path
     report = replay_all(tmp_path)
     assert report.rewritten == 1
     assert store.env_path(qid).read_bytes() == env
+
+
+def test_an_item_in_a_running_checkpoint_is_removed_only_once_it_has_ended(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its records are in the checkpoint's snapshot but stay pending until its flush ends: a
+    durable removal before that, then a crash, and the replay would send the item again."""
+    import threading
+    import time
+
+    from serpentmail.storage import journal as jmod
+
+    store, committer, journal = _journaled_store(tmp_path)
+    qid = _enqueue(store, b"Subject: s\r\n\r\nstraddles a checkpoint\r\n")
+    real, entered = jmod.syncfs, threading.Event()
+
+    def slow_syncfs(fd: int) -> None:
+        entered.set()
+        time.sleep(0.3)
+        real(fd)
+
+    monkeypatch.setattr(jmod, "syncfs", slow_syncfs)
+    flush = threading.Thread(target=journal.checkpoint)
+    flush.start()
+    assert entered.wait(5)
+    assert store.remove_many([qid]) == {qid}
+    assert list(records(journal.path)) == []  # the checkpoint had ended before the files went
+    flush.join()
+    committer.close()

@@ -412,20 +412,29 @@ class QueueStore:
         journal = self.journal
         assert journal is not None
         done: set[str] = set()
+        covered = False  # some are in a checkpoint's snapshot: that checkpoint may be running
+        unrecorded = False  # the removal record could not be written
         with journal.lock:
             epoch = journal.epoch
-            fresh = [q for q in qids if self._journaled.pop(q, None) == epoch]
+            fresh = []
+            for q in qids:
+                e = self._journaled.pop(q, None)
+                if e == epoch:
+                    fresh.append(q)
+                elif e is not None:
+                    covered = True
             if len(self._journaled) > 4096:  # ids of items still queued from earlier epochs
                 # In place: the event loop may be adding an id meanwhile.
                 for q, e in list(self._journaled.items()):
                     if e != epoch:
                         self._journaled.pop(q, None)
-            if not fresh:
-                return done
-            try:
-                journal.append_removal([p for q in fresh for p in (self.env_path(q), self.data_path(q))])
-            except (JournalFull, OSError):
-                return done  # the durable removal takes them
+            if fresh:
+                try:
+                    journal.append_removal([p for q in fresh for p in (self.env_path(q), self.data_path(q))])
+                except (JournalFull, OSError):
+                    fresh, unrecorded = [], True
+            # The files go while the lock is held: no checkpoint can take its snapshot between
+            # the removal record and the removal, so the one that covers the record covers both.
             recycler = self.recycler
             for qid in fresh:
                 for path, empty_first in ((self.env_path(qid), False), (self.data_path(qid), True)):
@@ -437,6 +446,13 @@ class QueueStore:
                         done.add(qid)
                     except FileNotFoundError:
                         continue
+        # The others take the durable removal, which must not delete files that a record still
+        # names (a crash would bring them back): the checkpoint covering them must have ended.
+        with contextlib.suppress(OSError):
+            if unrecorded:
+                journal.checkpoint()  # their records are in no snapshot yet
+            elif covered:
+                journal.settle()
         return done
 
     async def remove_batched(self, qid: str) -> bool:

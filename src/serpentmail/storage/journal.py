@@ -176,6 +176,11 @@ class Journal:
         for t in targets:
             self._dirs.add(t.parent)
 
+    def settle(self) -> None:
+        """Wait until a checkpoint that is running has ended (at once if none is)."""
+        with self._checkpointing:
+            pass
+
     def checkpoint(self) -> None:
         """Make every record written so far redundant: one ``syncfs`` per filesystem the
         interval's files are on, then the header moves past them (and the journal starts over
