@@ -136,26 +136,8 @@ class Journal:
     def append(self, entries: list[Entry]) -> None:
         """Write ``entries`` and make them durable (one ``fdatasync``); call with :attr:`lock`
         held. Raises :class:`JournalFull` when they do not fit, OSError when the write fails."""
-        bufs: list[bytes] = []
-        total = 0
-        for e in entries:
-            meta = "\n".join(os.path.relpath(t, self.root) for t in e.targets).encode()
-            body_crc = zlib.crc32(e.content, zlib.crc32(meta))
-            head = RECORD.pack(RECORD_MAGIC, self.gen, len(meta), len(e.content), body_crc, 0)
-            head = head[:-4] + struct.pack("<I", zlib.crc32(head[:-4]))
-            bufs += (head, meta, e.content)
-            total += len(head) + len(meta) + len(e.content)
-        if self.end + total > self.size:
-            raise JournalFull
-        # A stale record of an earlier lap may follow ours: the scan stops at its generation.
-        _pwrite_all(self.fd, bufs, self.end)
-        os.fdatasync(self.fd)
-        self.end += total
-        if self._since is None:
-            self._since = time.monotonic()
-        for e in entries:
-            for t in e.targets:
-                self._dirs.add(t.parent)
+        self._write([([self._name(t) for t in e.targets], e.content) for e in entries],
+                    [t for e in entries for t in e.targets], sync=True)
 
     def append_removal(self, targets: list[Path]) -> None:
         """Record that ``targets`` are being removed (call with :attr:`lock` held, before
@@ -164,13 +146,28 @@ class Journal:
         finishes the removal instead of writing the files again; an operating-system crash
         may lose it together with the removal, and the replay then restores the files (the
         work is done twice, nothing is lost). Raises :class:`JournalFull` or OSError."""
-        meta = "\n".join(REMOVED + os.path.relpath(t, self.root) for t in targets).encode()
-        head = RECORD.pack(RECORD_MAGIC, self.gen, len(meta), 0, zlib.crc32(meta), 0)
-        head = head[:-4] + struct.pack("<I", zlib.crc32(head[:-4]))
-        if self.end + len(head) + len(meta) > self.size:
+        self._write([([REMOVED + self._name(t) for t in targets], b"")], targets, sync=False)
+
+    def _name(self, target: Path) -> str:
+        return os.path.relpath(target, self.root)
+
+    def _write(self, recs: list[tuple[list[str], bytes]], targets: list[Path], *, sync: bool) -> None:
+        """Append one record per (target names, content) at the end, ``fdatasync`` if ``sync``."""
+        bufs: list[bytes] = []
+        total = 0
+        for names, content in recs:
+            meta = "\n".join(names).encode()
+            head = RECORD.pack(RECORD_MAGIC, self.gen, len(meta), len(content), zlib.crc32(content, zlib.crc32(meta)), 0)
+            head = head[:-4] + struct.pack("<I", zlib.crc32(head[:-4]))
+            bufs += (head, meta, content)
+            total += len(head) + len(meta) + len(content)
+        if self.end + total > self.size:
             raise JournalFull
-        _pwrite_all(self.fd, [head, meta], self.end)
-        self.end += len(head) + len(meta)
+        # A stale record of an earlier lap may follow ours: the scan stops at its generation.
+        _pwrite_all(self.fd, bufs, self.end)
+        if sync:
+            os.fdatasync(self.fd)
+        self.end += total
         if self._since is None:
             self._since = time.monotonic()
         for t in targets:
