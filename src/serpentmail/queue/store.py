@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..storage.fsutil import fsync_dir
+from ..storage.fsutil import fsync_dir, write_durably
 from ..storage.journal import JournalFull
 from ..storage.maildir import Committer, Recycler, SpoolFile, SpoolPool, commit_async
 
@@ -340,21 +340,7 @@ class QueueStore:
         if not self.data_path(record.id).exists():
             return False
         tmp = self.tmp / f"{record.id}.{os.getpid()}.{secrets.token_hex(4)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(record.to_json())
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.replace(tmp, self.env_path(record.id))
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        fsync_dir(self.env)
+        write_durably(tmp, record.to_json(), self.env_path(record.id))
         return True
 
     def remove(self, qid: str) -> bool:

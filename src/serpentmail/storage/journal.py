@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..log import log_event
-from .fsutil import fsync_dir
+from .fsutil import fsync_dir, write_durably
 
 log = logging.getLogger(__name__)
 
@@ -460,21 +460,7 @@ def _restore_queue_file(target: Path, content: bytes, report: ReplayReport) -> N
     tmp_dir = target.parent.parent / "tmp"
     tmp_dir.mkdir(parents=True, exist_ok=True)
     target.parent.mkdir(parents=True, exist_ok=True)
-    _write_durably(tmp_dir / f"{target.name}.replay", content, target)
-
-
-def _write_durably(tmp: Path, content: bytes, final: Path) -> None:
-    """The recipe: ``tmp`` written and fsync'd, renamed to ``final``, its directory fsync'd."""
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(content)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
+    write_durably(tmp_dir / f"{target.name}.replay", content, target)
 
 
 def _restore(target: Path, content: bytes, report: ReplayReport) -> None:
@@ -508,4 +494,4 @@ def _restore(target: Path, content: bytes, report: ReplayReport) -> None:
     found.parent.mkdir(parents=True, exist_ok=True)
     tmp = maildir / "tmp" / f"{found.name}.replay"
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    _write_durably(tmp, content, found)
+    write_durably(tmp, content, found)
