@@ -360,13 +360,9 @@ class QueueStore:
             qids = [q for q in qids if q not in fast]
         else:
             fast = set()
-        recycler = self.recycler
         for qid in qids:
             try:
-                if recycler is None:
-                    os.unlink(self.env_path(qid))
-                else:
-                    recycler.put(self.env_path(qid))
+                self._discard(self.env_path(qid))
                 existed.add(qid)
             except FileNotFoundError:
                 continue
@@ -375,14 +371,19 @@ class QueueStore:
         existed |= fast
         for qid in qids:
             try:
-                if recycler is None:
-                    os.unlink(self.data_path(qid))
-                else:
-                    recycler.put(self.data_path(qid), empty_first=True)
+                self._discard(self.data_path(qid), empty_first=True)
                 existed.add(qid)
             except FileNotFoundError:
                 continue
         return existed
+
+    def _discard(self, path: Path, *, empty_first: bool = False) -> None:
+        """Unlink a queue file, or hand it to the recycler (the same commit point); raises
+        FileNotFoundError when it is already gone."""
+        if self.recycler is None:
+            os.unlink(path)
+        else:
+            self.recycler.put(path, empty_first=empty_first)
 
     def _remove_journaled(self, qids: list[str]) -> set[str]:
         """Remove, without any flush, the items of ``qids`` whose journal records no checkpoint
@@ -421,14 +422,10 @@ class QueueStore:
                     fresh, unrecorded = [], True
             # The files go while the lock is held: no checkpoint can take its snapshot between
             # the removal record and the removal, so the one that covers the record covers both.
-            recycler = self.recycler
             for qid in fresh:
                 for path, empty_first in ((self.env_path(qid), False), (self.data_path(qid), True)):
                     try:
-                        if recycler is None:
-                            os.unlink(path)
-                        else:
-                            recycler.put(path, empty_first=empty_first)
+                        self._discard(path, empty_first=empty_first)
                         done.add(qid)
                     except FileNotFoundError:
                         continue
