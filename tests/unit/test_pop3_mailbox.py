@@ -12,7 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serpentmail.storage.mailbox import MailboxInUse, _order_key, open_mailbox, uid_for, unique_part
+from serpentmail.storage.mailbox import (
+    MailboxInUse,
+    _order_key,
+    delivered_at,
+    open_mailbox,
+    uid_for,
+    unique_part,
+)
 
 # --- the definitions the fast paths must agree with (as first written) -----------------------
 _ORDER = re.compile(r"^(\d+)\.(\S*)")
@@ -115,3 +122,10 @@ def test_descriptors_are_released_on_close_and_on_in_use(tmp_path: Path) -> None
     with open_mailbox(d):  # and the lock is free again
         pass
     assert _open_fds() == before
+
+
+def test_delivered_at_is_the_time_our_names_start_with() -> None:
+    """What POP3's UPDATE uses to look only recent messages up in the delivery journals."""
+    assert delivered_at("1795935976.M994120P6397Q1.mx.test,S=220") == 1795935976
+    assert delivered_at("1795935976.M994120P6397Q1.mx.test,S=220:2,S") == 1795935976
+    assert delivered_at("not-ours") == 0

@@ -50,7 +50,7 @@ from ..proto.pop3 import (
     Update,
 )
 from ..storage.journal import wait_checkpointed
-from ..storage.mailbox import Mailbox, MailboxInUse, open_mailbox
+from ..storage.mailbox import Mailbox, MailboxInUse, delivered_at, open_mailbox
 from .context import ServerContext
 from .run import EXTRA_LISTENERS, open_listeners
 from .session import EngineSession
@@ -415,9 +415,10 @@ class POP3Session(EngineSession):
         cfg = self.ctx.config
         # Only mail of the last minute can still be in a journal (a checkpoint comes about
         # every second): older names are not looked up, so a busy journal is not read for
-        # every QUIT. The time is the one our delivery put at the start of the name.
+        # every QUIT. The time is the one our delivery put at the start of the name (a name
+        # without one was not delivered by us, so no journal holds it).
         horizon = time.time() - JOURNAL_HORIZON
-        recent = [i for i in deleted if _arrival(mailbox.entries[i].name) >= horizon]
+        recent = [i for i in deleted if delivered_at(mailbox.entries[i].name) >= horizon]
         if not recent or not cfg.journal:
             return list(deleted), 0
         base = os.path.relpath(mailbox.path, cfg.data_dir)
@@ -426,13 +427,6 @@ class POP3Session(EngineSession):
         stuck = wait_checkpointed(cfg.data_dir, set(names.values()), self.ctx.committer.journal, JOURNAL_WAIT)
         keep = [i for i in deleted if names.get(i) not in stuck]
         return keep, len(deleted) - len(keep)
-
-
-def _arrival(name: str) -> float:
-    """The delivery time at the start of a Maildir name (``<seconds>.M...``); a name of another
-    form counts as just arrived (so it is looked up)."""
-    head = name.split(".", 1)[0]
-    return float(head) if head.isdigit() else float("inf")
 
 
 def _open_and_read(mailbox: Mailbox, index: int) -> tuple[BinaryIO, bytes]:

@@ -97,6 +97,11 @@ def _order_key(name: str) -> tuple[int, int, int, str]:
     return (int(m.group(1)), int(usec.group(1)) if usec else 0, int(seq.group(1)) if seq else 0, name)
 
 
+def delivered_at(name: str) -> int:
+    """The delivery time (seconds) a Maildir name starts with; 0 for a name without one."""
+    return _order_key(name)[0]
+
+
 class Mailbox:
     """A locked maildrop and its login snapshot. Use :func:`open_mailbox`."""
 
