@@ -118,8 +118,9 @@ class Config:
     user: str = ""  # drop privileges to this user after binding (when run as root)
     # Server processes sharing the listeners (see server/workers.py); 1 = one process.
     workers: int = 1
-    # Local deliveries made durable through the delivery journal (storage/journal.py): one
-    # flush before the 250 instead of two. False: the plain Maildir recipe for every message.
+    # Local deliveries, and the queue items of the scheduler's process, made durable through the
+    # delivery journal (storage/journal.py): one flush before the 250 instead of two or more.
+    # False: the plain fsync recipe for every file.
     journal: bool = True
     default_domains: tuple[str, ...] = ()  # domains created at start (embedded default: localhost)
     source: Path | None = None

@@ -26,9 +26,10 @@ without a journal, creating a file scans every inode freed in the last minutes (
 ``recently_deleted`` check), so a queue that deletes two files per message made each new file
 cost up to a millisecond of kernel time; the profile is bench/profiles/submission-inode-scan.txt.
 
-With a :class:`~.journal.Journal` (the server's default), a local delivery of up to 1 MiB takes
-the journal's path instead of steps 2 and 4: its bytes are appended to the journal with one
-flush, then it is renamed or linked into place; see :mod:`.journal`.
+With a :class:`~.journal.Journal` (the server's default), a job marked ``journal`` of up to
+1 MiB (a local delivery, or a queue file of the scheduler's process) takes the journal's path
+instead of steps 2 and 4: its bytes are appended to the journal with one flush, then it is
+renamed or linked into place; see :mod:`.journal`.
 
 Stored messages keep the CRLF line endings they arrived with, so the file is byte-for-byte
 what the client sent (plus our trace headers) and POP3 can send it without conversion.
