@@ -540,3 +540,34 @@ def test_the_message_after_a_retr_is_read_ahead(tmp_path: Path) -> None:
         with pytest.raises(poplib.error_proto, match="SYS/TEMP"):
             p.retr(3)
         p.quit()
+
+
+def test_a_deletion_the_journal_still_holds_is_kept_and_quit_says_so(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message another process's journal still lists (its checkpoint is not coming) is not
+    unlinked: a crash would bring it back. QUIT says some deletions did not happen (RFC 1939
+    §6), the message stays, and the next session deletes it once the record is settled."""
+    import serpentmail.server.pop3 as pop3_mod
+    from serpentmail.storage.journal import Entry, Journal, replay
+
+    monkeypatch.setattr(pop3_mod, "JOURNAL_WAIT", 0.3)
+    cfg = _cfg(tmp_path, "127.0.3.40")
+    md = _maildir(cfg, BILL)
+    (path,) = deliver_bytes(cfg.data_dir, [md], b"Subject: held\r\n\r\nbody\r\n")
+    with running_server(cfg) as srv:
+        # A worker that journaled this message and died before its checkpoint.
+        other = Journal(cfg.data_dir / "journal" / "w9.log", cfg.data_dir)
+        with other.lock:
+            other.append([Entry(path.read_bytes(), [path])])
+        os.close(other.fd)
+        p = _login(srv)
+        assert p.dele(1).startswith(b"+OK")
+        with pytest.raises(poplib.error_proto, match=r"SYS/TEMP"):
+            p.quit()
+        assert len(maildir_files(cfg, BILL, "new") + maildir_files(cfg, BILL, "cur")) == 1
+        replay(other.path, cfg.data_dir)  # what that worker's restart does
+        p = _login(srv)
+        assert p.stat()[0] == 1
+        assert p.dele(1).startswith(b"+OK")
+        assert p.quit().startswith(b"+OK")
+        assert maildir_files(cfg, BILL, "new") + maildir_files(cfg, BILL, "cur") == []
