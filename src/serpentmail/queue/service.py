@@ -185,9 +185,9 @@ async def _start_queue(server: Server) -> Callable[[], Awaitable[None]] | None:
     assert ctx is not None
     # Only the process that runs the scheduler journals new items: it is the one that removes
     # them, and a removal must be recorded in the journal that holds the item (QueueStore).
-    primary = server.worker_count == 1 or server.worker_index == 0
+    primary = server.worker_index == 0  # also the only process without workers
     store = QueueStore(server.config.data_dir, ctx.committer, recycler=ctx.recycler, journal=primary)
-    if server.worker_count > 1 and server.worker_index != 0:
+    if not primary:
         assert server.notify_fd is not None
         ctx.outbound = QueueForwarder(store, server.notify_fd)
 

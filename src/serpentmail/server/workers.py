@@ -15,8 +15,9 @@ are:
    worker, and only that one wakes. Which one: server/steering.py (the last worker takes
    them all while the server is nearly idle; they are spread once it is busy).
 4. Worker 1 (the primary) also runs the queue scheduler. The others commit queue items
-   exactly as it would and write the item's id to a pipe the primary reads
-   (``queue/service.py``: ``QueueForwarder``); the primary also scans the spool every 30 s
+   with the fsync recipe (the primary journals its own: a removal must be recorded in the
+   journal holding the item; docs/queue-states.md) and write the item's id to a pipe the
+   primary reads (``queue/service.py``: ``QueueForwarder``); the primary also scans the spool every 30 s
    for items it was not told about, so a lost notice delays an item, never loses it.
 5. SIGTERM or SIGINT to the parent is passed to every worker, which stops gracefully; the
    parent exits when they have. A worker that dies unexpectedly is started again (at most
