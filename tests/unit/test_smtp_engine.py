@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from serpentmail.proto import replies as R
 from serpentmail.proto.replies import Reply
 from serpentmail.proto.smtp_server import (
+    _DOT_WINDOW,
     NEED_DATA,
     AuthAttempt,
     CloseConnection,
@@ -35,6 +36,7 @@ from serpentmail.proto.smtp_server import (
     SMTPServerConnection,
     StartTLS,
     TransactionReset,
+    _find_line_dot,
 )
 
 HOST = "mx.test"
@@ -799,3 +801,33 @@ def test_hypothesis_stuffed_lines_come_back_as_sent(lines: list[bytes], dotted: 
         s.feed(stream[a:b])
     assert s.body == original
     assert s.codes()[-2:] == ["250 2.0.0", "250 2.0.0"]
+
+
+_PIECES = [b"\r\n.", b".", b"\r\n", b"\r", b"\n", b"\n.", b"\r.", b"x"]
+
+
+@given(st.lists(st.tuples(st.integers(min_value=0, max_value=9000), st.sampled_from(_PIECES)), max_size=12))
+def test_hypothesis_line_dot_search_matches_find(parts: list[tuple[int, bytes]]) -> None:
+    """The windowed search finds the same first "\\r\\n." as a plain find, with dots far
+    apart (several windows), close together, and at the very start."""
+    buf = bytearray(b"".join(b"y" * filler + piece for filler, piece in parts))
+    assert _find_line_dot(buf) == buf.find(b"\r\n.")
+
+
+@pytest.mark.parametrize("gap", range(_DOT_WINDOW - 4, _DOT_WINDOW + 4))
+def test_line_dot_search_at_the_window_edge(gap: int) -> None:
+    """A lone dot, then a line starting with a dot about one window later: found wherever it
+    falls against the window's end."""
+    buf = bytearray(b"ab.c" + b"y" * gap + b"\r\n.z" + b"y" * 10)
+    assert _find_line_dot(buf) == buf.find(b"\r\n.") >= 0
+
+
+def test_long_message_without_dots_then_stuffed_line_far_in() -> None:
+    """A dot-stuffed line 20 KiB into a message whose earlier lines hold dots that do not start
+    a line: unstuffed, and the message ends at the real terminator."""
+    lines = [b"mid.dot line %d" % i for i in range(200)] + [b"X" * 70] * 200 + [b".starts with a dot", b"last"]
+    stuffed = b"".join((b"." + ln if ln.startswith(b".") else ln) + b"\r\n" for ln in lines)
+    s = Session()
+    s.feed(EHLO + ENVELOPE + b"DATA\r\n" + stuffed + b".\r\n")
+    assert s.body == b"".join(ln + b"\r\n" for ln in lines)
+    assert s.codes()[-1] == "250 2.0.0"

@@ -172,6 +172,31 @@ _HTTP_LINE = re.compile(r"^[A-Z]+ \S+ HTTP/\d")
 _HEADER_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.MULTILINE)
 _LONG_LINE_FLUSH = 64 * 1024  # emit content of a very long DATA line in pieces this big
 _MAX_HEADER_TRACK = 1024 * 1024  # stop tracking header fields after this many octets
+_DOT_WINDOW = 4096  # see _find_line_dot
+
+
+def _take(buf: bytearray, n: int) -> bytes:
+    """The first ``n`` octets of ``buf`` as bytes, removed from it. One copy: ``bytes(buf[:n])``
+    first copies into a new bytearray, which for a 100 KiB chunk costs ten times as much."""
+    piece = bytes(memoryview(buf)[:n])
+    del buf[:n]
+    return piece
+
+
+def _find_line_dot(buf: bytearray) -> int:
+    """``buf.find(b"\r\n.")``, fast when dots are few. CPython searches for a 3-octet string
+    at about 1.2 GB/s but for one octet with memchr, tens of times faster: so the next dot is
+    found with memchr and the 3-octet search runs only over a window that starts at it. Every
+    "\r\n." has its dot at or after the one found, so no occurrence is skipped."""
+    pos = 2
+    while True:
+        dot = buf.find(b".", pos)
+        if dot < 0:
+            return -1
+        hit = buf.find(b"\r\n.", dot - 2, dot + _DOT_WINDOW)
+        if hit >= 0:
+            return hit
+        pos = dot + _DOT_WINDOW  # the window covered every "\r\n." whose dot is before this
 
 
 def _is_number(text: str) -> bool:
@@ -745,7 +770,7 @@ class SMTPServerConnection:
         # One scan finds both the terminator and any line that starts with a dot: in most
         # messages the first "\r\n." is the terminator itself, and then nothing before it
         # needs unstuffing (a second scan of a 100 KiB message costs about 80 us).
-        first = buf.find(b"\r\n.")
+        first = _find_line_dot(buf)
         if first < 0:
             end, stuffed = -1, False
         elif buf[first + 3:first + 5] == b"\r\n":
@@ -753,20 +778,18 @@ class SMTPServerConnection:
         else:
             end, stuffed = buf.find(b"\r\n.\r\n", first), True
         if end >= 0:
-            self._emit_lines(bytes(buf[: end + 2]), stuffed)
-            del buf[: end + 5]
+            self._emit_lines(_take(buf, end + 2), stuffed)
+            del buf[:3]
             self._finish_message()
             return True
         cut = buf.rfind(b"\r\n")
         if cut >= 0:
-            self._emit_lines(bytes(buf[: cut + 2]), stuffed)
-            del buf[: cut + 2]
+            self._emit_lines(_take(buf, cut + 2), stuffed)
             self._bol = True
             return True
         if n > _LONG_LINE_FLUSH:
             # A very long line: emit all but the last octet (which may be the CR of a CRLF).
-            piece = bytes(buf[: n - 1])
-            del buf[: n - 1]
+            piece = _take(buf, n - 1)
             if self._bol and piece[:1] == b".":
                 piece = piece[1:]
             self._check_newlines(piece)
@@ -800,8 +823,7 @@ class SMTPServerConnection:
             if not buf:
                 return False
             take = min(self._bdat_remaining, len(buf))
-            piece = bytes(buf[:take])
-            del buf[:take]
+            piece = _take(buf, take)
             self._bdat_remaining -= take
             if self._bdat_failed is None:
                 self._content(piece)
