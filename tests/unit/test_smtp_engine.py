@@ -581,6 +581,35 @@ def test_bdat_does_not_unstuff_or_need_a_terminator() -> None:
     assert s.codes()[-1] == "250 2.0.0"
 
 
+@pytest.mark.parametrize("chunks", [
+    [b"line one\nline two\r\n"],  # bare LF inside a chunk
+    [b"abc\r", b"def\r\n"],  # a CR ending one chunk, the next not starting with LF
+    [b"abc\r\n", b"\nxyz\r\n"],  # an LF starting a chunk after a complete CRLF
+    [b"abc\r\n", b"end\r"],  # the message's last octet a CR
+    [b"a\rb\r\n"],
+])
+def test_bdat_refuses_bare_cr_or_lf(chunks: list[bytes]) -> None:
+    """RFC 5321 §2.3.8 for BDAT content too (no BINARYMIME is offered): refused at LAST with
+    the same 550 as DATA, and no message is passed on."""
+    stream = EHLO + ENVELOPE + b"".join(
+        b"BDAT %d%s\r\n" % (len(c), b" LAST" if i == len(chunks) - 1 else b"") + c for i, c in enumerate(chunks))
+    s = run(stream + b"NOOP\r\n")
+    assert s.codes()[-2:] == ["550 5.5.2", "250 2.0.0"]
+    assert MessageComplete not in s.kinds()
+
+
+def test_bdat_crlf_straddling_chunks_and_reads_is_accepted() -> None:
+    """A CRLF cut between two BDAT chunks, or between two reads, is one line ending."""
+    stream = EHLO + ENVELOPE + b"BDAT 4\r\nabc\rBDAT 6 LAST\r\n\ndef\r\n"
+    for pieces in ([stream], [bytes([b]) for b in stream]):
+        s = Session()
+        for piece in pieces:
+            s.feed(piece)
+        assert s.codes()[-1] == "250 2.0.0"
+        assert MessageComplete in s.kinds()
+        assert s.body == b"abc\r\ndef\r\n"
+
+
 def test_bdat_zero_last() -> None:
     s = run(EHLO + ENVELOPE + b"BDAT 3\r\nabcBDAT 0 LAST\r\n")
     assert s.codes()[-2:] == ["250 2.0.0", "250 2.0.0"]

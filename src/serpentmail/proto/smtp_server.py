@@ -230,6 +230,7 @@ class SMTPServerConnection:
         self._msg_size = 0
         self._msg_too_big = False
         self._bare_newline = False
+        self._cr_pending = False  # BDAT content so far ends with a CR (its LF may come next)
         self._hdr: bytearray | None = None
         self._hops = 0
         self._header_names: frozenset[str] = frozenset()
@@ -358,6 +359,7 @@ class SMTPServerConnection:
         self._msg_size = 0
         self._msg_too_big = False
         self._bare_newline = False
+        self._cr_pending = False
         self._hdr = bytearray()
         self._hops = 0
         self._header_names = frozenset()
@@ -817,6 +819,21 @@ class SMTPServerConnection:
         if len(chunk) - len(chunk.translate(None, b"\r\n")) != 2 * chunk.count(b"\r\n"):
             self._bare_newline = True
 
+    def _check_chunk_newlines(self, piece: bytes) -> None:
+        """:meth:`_check_newlines` for BDAT content, which arrives cut anywhere (a CRLF may
+        straddle two chunks). Without BINARYMIME, which is not offered, BDAT content is lines
+        like DATA's (RFC 3030 §3), and refusing a bare CR or LF here too means no message we
+        relay can carry one to a server that reads it as the end of the data."""
+        if self._bare_newline or not piece:
+            return
+        if self._cr_pending:
+            if piece[:1] != b"\n":
+                self._bare_newline = True
+                return
+            piece = piece[1:]
+        self._cr_pending = piece.endswith(b"\r")
+        self._check_newlines(piece[:-1] if self._cr_pending else piece)
+
     def _step_bdat(self) -> bool:
         buf = self._buf
         if self._bdat_remaining:
@@ -826,6 +843,7 @@ class SMTPServerConnection:
             piece = _take(buf, take)
             self._bdat_remaining -= take
             if self._bdat_failed is None:
+                self._check_chunk_newlines(piece)
                 self._content(piece)
             if self._bdat_remaining:
                 return True
@@ -841,6 +859,8 @@ class SMTPServerConnection:
             self._reply(failed)
             return True
         if self._bdat_last:
+            if self._cr_pending:  # the message's last octet is a CR
+                self._bare_newline = True
             self._finish_message()
         elif self._msg_too_big:
             # RFC 3030 §2: a failed chunk fails the transaction; later chunks get the same reply.
