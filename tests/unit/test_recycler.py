@@ -1,4 +1,4 @@
-"""Recycler: a removed queue item's files are kept, emptied, and reused for new spools."""
+"""Recycler: a removed queue item's files are kept, blanked, and reused for new spools."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from serpentmail.queue.store import QueueStore
+from serpentmail.storage import fsutil
+from serpentmail.storage.journal import Journal
 from serpentmail.storage.maildir import (
     Committer,
     Recycler,
@@ -25,7 +27,7 @@ def _enqueue(store: QueueStore, content: bytes) -> str:
     return asyncio.run(store.enqueue(sp, "a@b.test", ["x@y.test"])).id
 
 
-def test_removed_items_are_emptied_and_reused_for_new_messages(tmp_path: Path) -> None:
+def test_removed_items_are_blanked_and_reused_for_new_messages(tmp_path: Path) -> None:
     recycler = Recycler(tmp_path / "tmp" / "recycled", prefix="w0")
     store = QueueStore(tmp_path, recycler=recycler)
     qid = _enqueue(store, b"Subject: secret\r\n\r\nconfidential body\r\n")
@@ -37,7 +39,9 @@ def test_removed_items_are_emptied_and_reused_for_new_messages(tmp_path: Path) -
     kept = sorted(recycler.dir.iterdir())
     assert len(kept) == 2 == len(recycler)
     assert {p.stat().st_ino for p in kept} == inodes
-    assert all(p.stat().st_size == 0 for p in kept)  # the content does not linger
+    # the content does not linger: zeros where it was (or an empty file, where the filesystem
+    # cannot zero a range in place)
+    assert all(p.read_bytes().strip(b"\0") == b"" for p in kept)
 
     # A pool hands the same inodes out again; a message written to one is exactly its bytes.
     pool = SpoolPool(tmp_path / "tmp", recycler=recycler)
@@ -59,6 +63,57 @@ def test_removed_items_are_emptied_and_reused_for_new_messages(tmp_path: Path) -
     assert not spool.path.exists()  # the recycled name went away once linked
     for s in reused[1:]:
         s.discard()
+
+
+@pytest.mark.parametrize("path", ["recipe", "journal", "queue"])
+def test_a_reused_file_holds_exactly_the_new_message(tmp_path: Path, path: str) -> None:
+    """A file that held a longer message is written over, not emptied first: what is put in
+    place (by the fsync recipe, through the journal, or by the queue's own commit) is the new
+    message's bytes and nothing of the old one's tail."""
+    recycler = Recycler(tmp_path / "tmp" / "recycled", prefix="w0")
+    old = tmp_path / "old"
+    old.write_bytes(b"Subject: old\r\n\r\n" + b"o" * 9000 + b"\r\n")
+    recycler.put(old)
+    kept = next(recycler.dir.iterdir())
+    assert b"old" not in kept.read_bytes()
+    (spool,) = SpoolPool(tmp_path / "tmp", recycler=recycler).make(1)
+    assert spool.path == kept  # the same file, written over from its start
+    new = b"Subject: new\r\n\r\nshort\r\n"
+    spool.write(new)
+    (tmp_path / "mail" / "new").mkdir(parents=True)
+    target = tmp_path / "mail" / "new" / final_name(spool.name, spool.size)
+    if path == "queue":
+        store = QueueStore(tmp_path / "q")
+        qid = asyncio.run(store.enqueue(spool, "a@b.test", ["x@y.test"])).id
+        target = store.data_path(qid)
+    else:
+        journal = Journal(tmp_path / "journal" / "w0.log", tmp_path) if path == "journal" else None
+        committer = Committer(journal=journal)
+        try:
+            asyncio.run(commit_async(committer, spool, [target], journal=journal is not None))
+        finally:
+            committer.close()  # closes the journal too
+    assert target.read_bytes() == new
+
+
+def test_blank_falls_back_to_truncating(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the filesystem cannot zero a range in place, the file is emptied as before."""
+    monkeypatch.setattr(fsutil, "_zero_range_works", False)
+    f = tmp_path / "f"
+    f.write_bytes(b"secret" * 100)
+    fsutil.blank(f)
+    assert f.read_bytes() == b""
+
+
+def test_blank_zeroes_in_place_and_keeps_the_blocks(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_bytes(b"secret" * 2000)
+    os.sync()
+    fsutil.blank(f)
+    if not fsutil._zero_range_works:
+        pytest.skip("this filesystem cannot zero a range in place")
+    assert f.read_bytes() == b"\0" * 12000
+    assert f.stat().st_blocks > 0
 
 
 def test_the_limit_and_a_restarted_owner(tmp_path: Path) -> None:
@@ -99,7 +154,7 @@ def test_workers_share_the_surplus_and_no_file_is_handed_out_twice(tmp_path: Pat
     assert len(got) == 4 == len(set(got))  # each file once, whoever took it
     assert [p.name.split("-")[0] for p in got[:3]] == ["w1", "w0", "w2"]  # the others claimed theirs
     assert {os.stat(p).st_ino for p in got} == {os.stat(p).st_ino for p in d.iterdir()}
-    assert all(os.stat(p).st_size == 0 for p in got)
+    assert all(p.read_bytes().strip(b"\0") == b"" for p in got)
     assert not any(p.name.startswith(Recycler.SHARED) for p in d.iterdir())
 
 

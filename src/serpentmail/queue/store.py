@@ -535,6 +535,7 @@ def _commit_sync(jobs: list[tuple[SpoolFile, Path]]) -> None:
     dirs: set[Path] = set()
     try:
         for spool, target in jobs:
+            spool.trim()
             os.fsync(spool.fd)
             os.close(spool.fd)
             spool.closed = True

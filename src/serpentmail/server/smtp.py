@@ -529,9 +529,12 @@ def _missing_submission_headers(names: frozenset[str], hostname: str) -> bytes:
 
 
 def _splice(old: SpoolFile, new: SpoolFile, at: int, extra: bytes) -> None:
-    """Copy ``old`` into ``new`` with ``extra`` inserted at offset ``at`` (worker thread)."""
+    """Copy ``old`` into ``new`` with ``extra`` inserted at offset ``at`` (worker thread). Only
+    ``old.size`` octets are read: a reused spool file may hold more until it is trimmed."""
     with open(old.path, "rb") as src:
         new.write(src.read(at))
         new.write(extra)
-        while chunk := src.read(1024 * 1024):
+        left = old.size - at
+        while left > 0 and (chunk := src.read(min(left, 1024 * 1024))):
             new.write(chunk)
+            left -= len(chunk)

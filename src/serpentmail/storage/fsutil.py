@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
+
+_FALLOC_FL_ZERO_RANGE = 0x10  # linux/falloc.h
+_fallocate: Callable[[int, int, int, int], int] | None = None
+_zero_range_works = True  # until a filesystem says it cannot
 
 
 def fsync_dir(path: Path) -> None:
@@ -35,3 +43,36 @@ def write_durably(tmp: Path, content: bytes, final: Path) -> None:
             pass
         raise
     fsync_dir(final.parent)
+
+
+def blank(path: Path) -> None:
+    """Make the file's content unreadable (all zeros) but keep its blocks: the next message
+    written into it (see ``SpoolFile.reuse``) then allocates nothing. Emptying it with a
+    truncate instead frees every block, which on the reference disk (ext4 mounted with
+    ``discard``, no journal) costs about four times the CPU and five times the wall time of
+    this, and the next write allocates them all again. Uses fallocate(2)'s
+    ``FALLOC_FL_ZERO_RANGE`` (ext4, XFS); where it is missing, truncates as before."""
+    global _fallocate, _zero_range_works
+    if _zero_range_works:
+        if _fallocate is None:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+            fn = getattr(libc, "fallocate", None)
+            if fn is None:
+                _zero_range_works = False
+            else:
+                fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+                fn.restype = ctypes.c_int
+                _fallocate = fn
+        if _fallocate is not None:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                size = os.fstat(fd).st_size
+                if size == 0 or _fallocate(fd, _FALLOC_FL_ZERO_RANGE, 0, size) == 0:
+                    return
+                err = ctypes.get_errno()
+                if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise OSError(err, os.strerror(err), str(path))
+                _zero_range_works = False
+            finally:
+                os.close(fd)
+    os.truncate(path, 0)

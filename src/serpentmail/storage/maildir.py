@@ -21,10 +21,12 @@ the job to a thread and waking the event loop afterwards cost more than the fsyn
 session runs the same recipe itself (:meth:`Committer.commit_now`).
 
 Files are reused rather than deleted where the server itself empties them (a delivered queue
-item's data and envelope): :class:`Recycler` keeps them, emptied, for the spool pools. On ext4
+item's data and envelope): :class:`Recycler` keeps them, blanked, for the spool pools. On ext4
 without a journal, creating a file scans every inode freed in the last minutes (the kernel's
 ``recently_deleted`` check), so a queue that deletes two files per message made each new file
 cost up to a millisecond of kernel time; the profile is bench/profiles/submission-inode-scan.txt.
+A kept file keeps its blocks too (:func:`.fsutil.blank` zeroes it in place): a reused spool is
+written over from the start and cut to its length when it is committed (:meth:`SpoolFile.trim`).
 
 With a :class:`~.journal.Journal` (the server's default), a job marked ``journal`` of up to
 1 MiB (a local delivery, or a queue file of the scheduler's process) takes the journal's path
@@ -53,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from ..log import log_event
-from .fsutil import fsync_dir
+from .fsutil import blank, fsync_dir
 from .journal import CHECKPOINT_SECONDS, Entry, Journal, JournalFull
 
 log = logging.getLogger(__name__)
@@ -86,25 +88,38 @@ def unique_name() -> str:
 class SpoolFile:
     """A temp file being written on the event loop (page-cache writes, no fsync here)."""
 
-    __slots__ = ("closed", "fd", "name", "path", "size")
+    __slots__ = ("closed", "fd", "name", "path", "size", "stale")
 
     def __init__(self, tmp_dir: Path) -> None:
         self.name = unique_name()  # the message's id and Maildir unique name
         self.path = tmp_dir / self.name
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self.size = 0
+        self.stale = 0  # octets of an earlier use still in the file past what was written
         self.closed = False
 
     @classmethod
     def reuse(cls, path: Path) -> SpoolFile:
-        """An existing emptied file (from :class:`Recycler`) opened as a new spool."""
+        """A blanked file (from :class:`Recycler`) opened as a new spool. It is not truncated,
+        so its blocks stay allocated and are written over; :meth:`trim` cuts what is left."""
         spool = cls.__new__(cls)
         spool.name = path.name
         spool.path = path
-        spool.fd = os.open(path, os.O_RDWR | os.O_TRUNC | os.O_CLOEXEC)
+        spool.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            spool.stale = os.fstat(spool.fd).st_size
+        except BaseException:
+            os.close(spool.fd)
+            raise
         spool.size = 0
         spool.closed = False
         return spool
+
+    def trim(self) -> None:
+        """Cut a reused file to what was written: call before it is flushed or put in place."""
+        if self.stale > self.size:
+            os.ftruncate(self.fd, self.size)
+        self.stale = 0
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -272,6 +287,7 @@ class Committer:
         for i, job in enumerate(batch):
             spool = job.spool
             try:
+                spool.trim()
                 os.fsync(spool.fd)
                 _put_in_place(job)
                 for target in job.links:
@@ -321,6 +337,7 @@ def _put_in_place(job: CommitJob) -> None:
 def _place(job: CommitJob) -> BaseException | None:
     """A journaled job's file put in place (no fsync: the journal holds its bytes)."""
     try:
+        job.spool.trim()
         _put_in_place(job)
     except OSError as exc:  # reported to the session as 451, detail logged there
         _cleanup_failed(job)
@@ -493,7 +510,8 @@ class Recycler:
     """Emptied files kept for reuse instead of deleted (see the module docstring).
 
     :meth:`put` moves a file the server no longer needs into the recycling directory under this
-    process's own prefix and empties it there (a queue item's content does not linger);
+    process's own prefix and blanks it there (:func:`.fsutil.blank`: a queue item's content
+    does not linger, and its blocks stay allocated for the next use);
     :meth:`take` hands one back for a spool pool. At most ``limit`` are kept; past that, files
     are deleted as before. With ``share`` (several worker processes, where only the first
     removes queue items but every one receives mail), a process holding more than half its
@@ -531,9 +549,9 @@ class Recycler:
 
     def put(self, path: Path, *, empty_first: bool = False) -> None:
         """Take ``path`` out of its directory (a rename: the same commit point as an unlink) and
-        keep it, emptied (deleted instead when the limit is reached). ``empty_first``: empty it
+        keep it, blanked (deleted instead when the limit is reached). ``empty_first``: blank it
         before the rename, for a file nobody can read any more (a queue item's data once its
-        envelope is gone); otherwise it is emptied right after. Raises like ``os.unlink``
+        envelope is gone); otherwise it is blanked right after. Raises like ``os.unlink``
         (``FileNotFoundError`` when ``path`` is already gone)."""
         held = len(self._free)
         # A file with a second name (a hard link) is not only ours: it is never emptied here.
@@ -542,7 +560,7 @@ class Recycler:
             return
         target = self._private_name()
         if empty_first:
-            os.truncate(path, 0)
+            blank(path)
         try:
             os.rename(path, target)
         except OSError:
@@ -552,7 +570,7 @@ class Recycler:
             return
         if not empty_first:
             try:
-                os.truncate(target, 0)
+                blank(target)
             except OSError:
                 with contextlib.suppress(OSError):
                     os.unlink(target)
