@@ -74,6 +74,17 @@ def ensure_packages(console_print: object = print) -> None:
     subprocess.run(["service", "dovecot", "stop"], check=False, capture_output=True)
 
 
+def password_entry() -> str:
+    """The bench user's password for a Dovecot passdb, hashed exactly as serpentmail hashes its
+    users' (argon2id with serpentmail's parameters; Dovecot verifies the same string through
+    libsodium). With ``{PLAIN}``, as before, every SMTP AUTH cost the peer nothing while it
+    cost serpentmail one argon2 verification (about 38 ms of CPU here): 10 logins per
+    submission run, a quarter of a millisecond per message on our side only."""
+    from serpentmail.accounts.db import hash_password
+
+    return "{ARGON2ID}" + hash_password(PASSWORD)
+
+
 _graves = iter(range(1, 1 << 30))
 
 
@@ -450,7 +461,7 @@ class Dovecot:
         for d in (r / "run", r / "state", r / "mail"):
             d.mkdir(parents=True, exist_ok=True)
         os.chown(r / "mail", MAIL_UID, MAIL_GID)
-        (r / "passwd").write_text(f"{USER}:{{PLAIN}}{PASSWORD}:{MAIL_UID}:{MAIL_GID}::{r / 'mail' / 'u'}\n")
+        (r / "passwd").write_text(f"{USER}:{password_entry()}:{MAIL_UID}:{MAIL_GID}::{r / 'mail' / 'u'}\n")
         self.conf = r / "dovecot.conf"
         self.conf.write_text(textwrap.dedent(f"""\
             base_dir = {r / 'run'}
@@ -532,7 +543,8 @@ class DovecotAuth(Dovecot):
     """A private Dovecot with no mail protocols: only its auth service, as a Postfix SASL backend.
 
     The ``unix_listener`` is the private Postfix's ``private/auth`` (owned by ``postfix``, like a
-    packaged submission setup); the passdb is a passwd-file holding the bench user.
+    packaged submission setup); the passdb is a passwd-file holding the bench user, its password
+    hashed as serpentmail hashes its own (:func:`password_entry`).
     """
 
     name = "dovecot-auth"
@@ -550,7 +562,7 @@ class DovecotAuth(Dovecot):
         r = self.root
         for d in (r / "run", r / "state"):
             d.mkdir(parents=True, exist_ok=True)
-        (r / "passwd").write_text(f"{USER}:{{PLAIN}}{PASSWORD}:{MAIL_UID}:{MAIL_GID}::{r}\n")
+        (r / "passwd").write_text(f"{USER}:{password_entry()}:{MAIL_UID}:{MAIL_GID}::{r}\n")
         self.conf = r / "dovecot.conf"
         self.conf.write_text(textwrap.dedent(f"""\
             base_dir = {r / 'run'}
