@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=4096, help="message size in octets (inbound)")
     ap.add_argument("--pairs", type=int, default=8, help="runs of each side, alternating")
     ap.add_argument("--workers", default="1", help="serpentmail's `workers` setting for both sides")
+    ap.add_argument("--keep", action="store_true", help="keep the data directory (logs, mailboxes)")
     args = ap.parse_args(argv)
     console = Console()
     root = Path(tempfile.mkdtemp(prefix="serpentmail-ab-data-", dir="/var/tmp"))
@@ -94,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
             srv.stop()
         if sink is not None:
             sink.stop()
+        if args.keep:
+            console.print(f"kept {root}")
+        else:
+            # Every message of every run is in there: hundreds of megabytes per A/B.
+            shutil.rmtree(root, ignore_errors=True)
     return 0
 
 
