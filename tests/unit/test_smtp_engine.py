@@ -851,6 +851,27 @@ def test_line_dot_search_at_the_window_edge(gap: int) -> None:
     assert _find_line_dot(buf) == buf.find(b"\r\n.") >= 0
 
 
+@pytest.mark.parametrize("dots", [
+    [2, 40, 90, 5000, 5050, 5100, 15000],  # dense (windows double), then sparse, then dense
+    list(range(2, 30000, 37)),  # a dot every 37 octets: text
+])
+def test_line_dot_search_matches_find_wherever_the_line_falls(dots: list[int]) -> None:
+    """Brute force over the windows' edges: a line starting with a dot placed at every offset
+    of the first 24 KiB (one step per octet near each window boundary) is found exactly where
+    a plain find finds it."""
+    base = bytearray(b"y" * 30000)
+    for d in dots:
+        base[d] = ord(".")
+    boundaries = [w + shift for w in (_DOT_WINDOW, 2 * _DOT_WINDOW, 3 * _DOT_WINDOW, 6 * _DOT_WINDOW)
+                  for shift in (0, 2, 40)]
+    edges = {b + k for b in boundaries for k in range(-6, 7)}
+    for at in sorted(edges | set(range(0, 24000, 97))):
+        buf = bytearray(base)
+        buf[at:at + 3] = b"\r\n."
+        assert _find_line_dot(buf) == buf.find(b"\r\n."), at
+    assert _find_line_dot(base) == base.find(b"\r\n.") == -1
+
+
 def test_long_message_without_dots_then_stuffed_line_far_in() -> None:
     """A dot-stuffed line 20 KiB into a message whose earlier lines hold dots that do not start
     a line: unstuffed, and the message ends at the real terminator."""

@@ -1,0 +1,156 @@
+"""``python3 -m bench.micro {files,scan,flush}``: the microbenchmarks quoted in bench/README.md.
+
+Small, single-threaded timings of the primitives a change was chosen on. They need no peer
+and no server, and print a table. They are not the benchmark itself, only the evidence for
+picking one primitive over another (``python3 -m bench`` and ``python3 -m bench.ab`` measure
+the server):
+
+* ``files``: emptying a kept 4 KiB file and writing the next message into it, three ways:
+  truncate then write (the Recycler before), ``FALLOC_FL_ZERO_RANGE`` then write over (now),
+  and plain overwrite. CPU (this process) and wall time per file, ``sync`` included.
+* ``scan``: what the SMTP DATA path does to a 100 KiB message: the bare CR/LF check, the
+  terminator search, and the two ways to copy a chunk out of a bytearray.
+* ``flush``: ``pwrite`` + ``fdatasync`` of 4 KiB and 100 KiB records into a sparse, a
+  fallocated and a written file (the delivery journal's first lap against later ones).
+
+The files go under ``--dir`` (default /var/tmp), which should be on the disk the server uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+import timeit
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from serpentmail.proto.smtp_server import _find_line_dot
+from serpentmail.storage import fsutil
+
+
+def _files(where: Path, n: int = 500, rounds: int = 3) -> Table:
+    data = os.urandom(4300)
+    paths = [where / f"f{i}" for i in range(n)]
+    for p in paths:
+        p.write_bytes(data)
+    os.sync()
+
+    def one(mode: str) -> tuple[float, float]:
+        c0, t0 = time.process_time(), time.perf_counter()
+        for p in paths:
+            if mode == "truncate":
+                os.truncate(p, 0)
+            elif mode == "zero range":
+                fsutil.blank(p)
+        for p in paths:
+            fd = os.open(p, os.O_RDWR)
+            try:
+                os.write(fd, data)
+                os.ftruncate(fd, len(data))
+            finally:
+                os.close(fd)
+        os.sync()
+        return (time.process_time() - c0) / n * 1e6, (time.perf_counter() - t0) / n * 1e6
+
+    got: dict[str, list[tuple[float, float]]] = {m: [] for m in ("truncate", "zero range", "overwrite")}
+    for _ in range(rounds):
+        for mode in got:
+            got[mode].append(one(mode))
+    table = Table(title=f"empty a 4 KiB file and write the next message into it ({n} files, {rounds} rounds, medians)")
+    for col in ("way", "CPU µs/file", "wall µs/file"):
+        table.add_column(col, justify="right" if col != "way" else "left")
+    for mode, rows in got.items():
+        table.add_row(mode, f"{statistics.median(r[0] for r in rows):.0f}", f"{statistics.median(r[1] for r in rows):.0f}")
+    if not fsutil._zero_range_works:
+        table.caption = "this filesystem has no FALLOC_FL_ZERO_RANGE: 'zero range' truncated"
+    return table
+
+
+def _scan() -> Table:
+    data = (b"X" * 78 + b"\r\n") * 1280  # 100 KiB of lines, no dots
+    buf = bytearray(data)
+    table = Table(title="SMTP DATA primitives on 100 KiB (µs per call, median of 3 runs of 1,000)")
+    table.add_column("operation")
+    table.add_column("µs", justify="right")
+
+    def timed(name: str, fn: Callable[[], object]) -> None:
+        runs = [timeit.timeit(fn, number=1000) / 1000 * 1e6 for _ in range(3)]
+        table.add_row(name, f"{statistics.median(runs):.1f}")
+
+    # First, while nothing else big is allocated: the copy of a bytearray slice is slow when
+    # glibc can give the heap's top back after each call (as in a process like this one).
+    timed("copy out: bytes(buf[:n])", lambda: bytes(buf[: len(buf) - 2]))
+    timed("copy out: bytes(memoryview(buf)[:n])", lambda: bytes(memoryview(buf)[: len(buf) - 2]))
+    timed("bare CR/LF check: translate(None, CRLF)", lambda: data.translate(None, b"\r\n"))
+    timed("bare CR/LF check: count(CRLF)", lambda: data.count(b"\r\n"))
+    timed("line-start dot search: find(CRLF.), no dots", lambda: buf.find(b"\r\n."))
+    timed("line-start dot search: memchr + windows, no dots", lambda: _find_line_dot(buf))
+    text = bytearray(b"Hello. This is a line of text, with a dot.\r\n" * 2300)  # a dot on every line
+    timed("line-start dot search: find(CRLF.), dotted text", lambda: text.find(b"\r\n."))
+    timed("line-start dot search: memchr + windows, dotted text", lambda: _find_line_dot(text))
+    return table
+
+
+def _flush(where: Path, count: int = 150) -> Table:
+    table = Table(title=f"pwrite + fdatasync, {count} records each (p50 µs)")
+    table.add_column("file")
+    table.add_column("4 KiB", justify="right")
+    table.add_column("100 KiB", justify="right")
+    for mode in ("sparse", "fallocated", "written"):
+        path = where / f"journal-{mode}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            size = 32 << 20
+            if mode == "sparse":
+                os.ftruncate(fd, size)
+            elif mode == "fallocated":
+                os.posix_fallocate(fd, 0, size)
+            else:
+                os.pwrite(fd, bytes(size), 0)
+            os.fsync(fd)
+            cells = []
+            for rec, start in ((4096, 1 << 20), (102400, 4 << 20)):
+                buf = os.urandom(rec)
+                off = start
+                lat = []
+                for _ in range(count):
+                    t = time.perf_counter()
+                    os.pwrite(fd, buf, off)
+                    os.fdatasync(fd)
+                    lat.append(time.perf_counter() - t)
+                    off += rec + 85  # records are not block-aligned
+                cells.append(f"{statistics.median(lat) * 1e6:.0f}")
+            table.add_row(mode, *cells)
+        finally:
+            os.close(fd)
+            path.unlink()
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["files", "scan", "flush"])
+    ap.add_argument("--dir", type=Path, default=Path("/var/tmp"), help="where to make the test files")
+    args = ap.parse_args(argv)
+    console = Console()
+    if args.what == "scan":
+        console.print(_scan())
+        return 0
+    where = Path(tempfile.mkdtemp(prefix="serpentmail-micro-", dir=args.dir))
+    try:
+        console.print(_files(where) if args.what == "files" else _flush(where))
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
