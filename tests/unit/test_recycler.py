@@ -96,6 +96,28 @@ def test_a_reused_file_holds_exactly_the_new_message(tmp_path: Path, path: str) 
     assert target.read_bytes() == new
 
 
+def test_blank_on_a_filesystem_without_zero_range_truncates_there_only(tmp_path: Path) -> None:
+    """tmpfs refuses FALLOC_FL_ZERO_RANGE: files there are emptied, and that filesystem's
+    answer does not change how files elsewhere are blanked."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no separate tmpfs to try")
+    f = shm / f"serpentmail-blank-test-{os.getpid()}"
+    try:
+        f.write_bytes(b"secret" * 100)
+        fsutil.blank(f)
+        assert f.read_bytes().strip(b"\0") == b""
+    finally:
+        f.unlink(missing_ok=True)
+    g = tmp_path / "g"
+    g.write_bytes(b"secret" * 100)
+    fsutil.blank(g)
+    assert g.read_bytes().strip(b"\0") == b""
+    assert fsutil._zero_range_works  # tmpfs's refusal did not switch it off everywhere
+    if g.stat().st_dev not in fsutil._no_zero_range:
+        assert g.stat().st_size == 600  # zeroed in place, not truncated
+
+
 def test_blank_falls_back_to_truncating(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the filesystem cannot zero a range in place, the file is emptied as before."""
     monkeypatch.setattr(fsutil, "_zero_range_works", False)
@@ -110,7 +132,7 @@ def test_blank_zeroes_in_place_and_keeps_the_blocks(tmp_path: Path) -> None:
     f.write_bytes(b"secret" * 2000)
     os.sync()
     fsutil.blank(f)
-    if not fsutil._zero_range_works:
+    if not fsutil._zero_range_works or f.stat().st_dev in fsutil._no_zero_range:
         pytest.skip("this filesystem cannot zero a range in place")
     assert f.read_bytes() == b"\0" * 12000
     assert f.stat().st_blocks > 0

@@ -11,7 +11,8 @@ from pathlib import Path
 
 _FALLOC_FL_ZERO_RANGE = 0x10  # linux/falloc.h
 _fallocate: Callable[[int, int, int, int], int] | None = None
-_zero_range_works = True  # until a filesystem says it cannot
+_zero_range_works = True  # False when the C library has no fallocate
+_no_zero_range: set[int] = set()  # filesystems (st_dev) that refused FALLOC_FL_ZERO_RANGE
 
 
 def fsync_dir(path: Path) -> None:
@@ -51,7 +52,8 @@ def blank(path: Path) -> None:
     truncate instead frees every block, which on the reference disk (ext4 mounted with
     ``discard``, no journal) costs about four times the CPU and five times the wall time of
     this, and the next write allocates them all again. Uses fallocate(2)'s
-    ``FALLOC_FL_ZERO_RANGE`` (ext4, XFS); where it is missing, truncates as before."""
+    ``FALLOC_FL_ZERO_RANGE`` (ext4, XFS); on a filesystem without it (tmpfs), truncates as
+    before."""
     global _fallocate, _zero_range_works
     if _zero_range_works:
         if _fallocate is None:
@@ -66,13 +68,14 @@ def blank(path: Path) -> None:
         if _fallocate is not None:
             fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
             try:
-                size = os.fstat(fd).st_size
-                if size == 0 or _fallocate(fd, _FALLOC_FL_ZERO_RANGE, 0, size) == 0:
-                    return
-                err = ctypes.get_errno()
-                if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                    raise OSError(err, os.strerror(err), str(path))
-                _zero_range_works = False
+                st = os.fstat(fd)
+                if st.st_dev not in _no_zero_range:
+                    if st.st_size == 0 or _fallocate(fd, _FALLOC_FL_ZERO_RANGE, 0, st.st_size) == 0:
+                        return
+                    err = ctypes.get_errno()
+                    if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                        raise OSError(err, os.strerror(err), str(path))
+                    _no_zero_range.add(st.st_dev)  # tmpfs, for one: truncate there from now on
             finally:
                 os.close(fd)
     os.truncate(path, 0)
