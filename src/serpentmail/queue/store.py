@@ -353,7 +353,7 @@ class QueueStore:
         are unlinked. Their directory is not fsync'd: a data file that comes back after a
         crash has no envelope and :meth:`recover` removes it. Returns the ids that existed.
         With a :class:`Recycler` (the server), "unlinked" means renamed into its directory and
-        emptied: the same commit point, and the files are reused for new spools."""
+        blanked: the same commit point, and the files are reused for new spools."""
         existed: set[str] = set()
         if self._journaled:
             fast = self._remove_journaled(qids)

@@ -554,7 +554,7 @@ class Recycler:
         envelope is gone); otherwise it is blanked right after. Raises like ``os.unlink``
         (``FileNotFoundError`` when ``path`` is already gone)."""
         held = len(self._free)
-        # A file with a second name (a hard link) is not only ours: it is never emptied here.
+        # A file with a second name (a hard link) is not only ours: it is never blanked here.
         if held >= self.limit or os.stat(path).st_nlink != 1:
             os.unlink(path)
             return
