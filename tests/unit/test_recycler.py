@@ -194,15 +194,15 @@ def test_offered_files_are_bounded_when_nobody_claims_them(tmp_path: Path) -> No
     assert len(first) == 2 and len(list(d.iterdir())) == 2 + len(shared)
 
 
-@pytest.mark.parametrize("empty_first", [False, True])
-def test_a_file_with_another_name_is_never_emptied(tmp_path: Path, empty_first: bool) -> None:
+@pytest.mark.parametrize("blank_first", [False, True])
+def test_a_file_with_another_name_is_never_blanked(tmp_path: Path, blank_first: bool) -> None:
     """Nothing another path still shows (a hard link, say into a mailbox) is truncated."""
     recycler = Recycler(tmp_path / "recycled", prefix="w0")
     item = tmp_path / "item"
     item.write_bytes(b"Subject: kept\r\n\r\nstill readable elsewhere\r\n")
     other = tmp_path / "elsewhere"
     os.link(item, other)
-    recycler.put(item, empty_first=empty_first)
+    recycler.put(item, blank_first=blank_first)
     assert not item.exists()
     assert other.read_bytes() == b"Subject: kept\r\n\r\nstill readable elsewhere\r\n"
     assert len(recycler) == 0 and list(recycler.dir.iterdir()) == []
@@ -211,9 +211,9 @@ def test_a_file_with_another_name_is_never_emptied(tmp_path: Path, empty_first: 
 def test_without_its_directory_it_deletes_as_before(tmp_path: Path) -> None:
     recycler = Recycler(tmp_path / "recycled", prefix="w0")
     recycler.dir.rmdir()  # removed by hand while the server runs
-    for i, empty_first in enumerate((False, True)):
+    for i, blank_first in enumerate((False, True)):
         f = tmp_path / f"f{i}"
         f.write_bytes(b"x")
-        recycler.put(f, empty_first=empty_first)  # no error: the file is simply deleted
+        recycler.put(f, blank_first=blank_first)  # no error: the file is simply deleted
         assert not f.exists()
     assert len(recycler) == 0

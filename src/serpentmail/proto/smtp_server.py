@@ -177,7 +177,9 @@ _DOT_WINDOW = 4096  # see _find_line_dot
 
 def _take(buf: bytearray, n: int) -> bytes:
     """The first ``n`` octets of ``buf`` as bytes, removed from it. One copy: ``bytes(buf[:n])``
-    first copies into a new bytearray, which for a 100 KiB chunk costs ten times as much."""
+    first copies into a new bytearray, and for a 100 KiB chunk that costs from twice to ten
+    times as much, depending on whether glibc gives the heap's top back between the copies
+    (``python3 -m bench.micro scan``)."""
     piece = bytes(memoryview(buf)[:n])
     del buf[:n]
     return piece

@@ -371,19 +371,19 @@ class QueueStore:
         existed |= fast
         for qid in qids:
             try:
-                self._discard(self.data_path(qid), empty_first=True)
+                self._discard(self.data_path(qid), blank_first=True)
                 existed.add(qid)
             except FileNotFoundError:
                 continue
         return existed
 
-    def _discard(self, path: Path, *, empty_first: bool = False) -> None:
+    def _discard(self, path: Path, *, blank_first: bool = False) -> None:
         """Unlink a queue file, or hand it to the recycler (the same commit point); raises
         FileNotFoundError when it is already gone."""
         if self.recycler is None:
             os.unlink(path)
         else:
-            self.recycler.put(path, empty_first=empty_first)
+            self.recycler.put(path, blank_first=blank_first)
 
     def _remove_journaled(self, qids: list[str]) -> set[str]:
         """Remove, without any flush, the items of ``qids`` whose journal records no checkpoint
@@ -423,9 +423,9 @@ class QueueStore:
             # The files go while the lock is held: no checkpoint can take its snapshot between
             # the removal record and the removal, so the one that covers the record covers both.
             for qid in fresh:
-                for path, empty_first in ((self.env_path(qid), False), (self.data_path(qid), True)):
+                for path, blank_first in ((self.env_path(qid), False), (self.data_path(qid), True)):
                     try:
-                        self._discard(path, empty_first=empty_first)
+                        self._discard(path, blank_first=blank_first)
                         done.add(qid)
                     except FileNotFoundError:
                         continue

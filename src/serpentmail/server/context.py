@@ -124,7 +124,7 @@ class ServerContext:
     steering: SteeringLike | None = None
     # Per-kind protocol settings built once (server/smtp.py make_engine).
     engine_settings: dict[Any, Any] = field(default_factory=dict)
-    # Emptied queue files kept for the spool pools (storage/maildir.py, Recycler).
+    # Blanked queue files kept for the spool pools (storage/maildir.py, Recycler).
     recycler: Recycler | None = None
     _known_maildirs: dict[int, Path] = field(default_factory=dict)  # user id -> ensured maildir
 

@@ -507,7 +507,7 @@ def commit_then(committer: Committer, spool: SpoolFile, links: list[Path],
 
 
 class Recycler:
-    """Emptied files kept for reuse instead of deleted (see the module docstring).
+    """Blanked files kept for reuse instead of deleted (see the module docstring).
 
     :meth:`put` moves a file the server no longer needs into the recycling directory under this
     process's own prefix and blanks it there (:func:`.fsutil.blank`: a queue item's content
@@ -547,9 +547,9 @@ class Recycler:
     def __len__(self) -> int:
         return len(self._free)
 
-    def put(self, path: Path, *, empty_first: bool = False) -> None:
+    def put(self, path: Path, *, blank_first: bool = False) -> None:
         """Take ``path`` out of its directory (a rename: the same commit point as an unlink) and
-        keep it, blanked (deleted instead when the limit is reached). ``empty_first``: blank it
+        keep it, blanked (deleted instead when the limit is reached). ``blank_first``: blank it
         before the rename, for a file nobody can read any more (a queue item's data once its
         envelope is gone); otherwise it is blanked right after. Raises like ``os.unlink``
         (``FileNotFoundError`` when ``path`` is already gone)."""
@@ -559,7 +559,7 @@ class Recycler:
             os.unlink(path)
             return
         target = self._private_name()
-        if empty_first:
+        if blank_first:
             blank(path)
         try:
             os.rename(path, target)
@@ -568,7 +568,7 @@ class Recycler:
                 raise  # gone meanwhile: FileNotFoundError, as os.unlink would say
             os.unlink(path)  # our directory is unusable (removed by hand?): delete as before
             return
-        if not empty_first:
+        if not blank_first:
             try:
                 blank(target)
             except OSError:
