@@ -435,8 +435,7 @@ def _restore_queue_file(target: Path, content: bytes, report: ReplayReport) -> N
     by delivery attempts (always with the durable recipe), so any envelope that parses is
     the newest one and is left alone; only a missing or unreadable one is written again."""
     try:
-        with open(target, "rb") as f:
-            found = f.read(len(content) + 1)
+        found: bytes | None = target.read_bytes()  # at most 1 MiB (the journal's record limit)
     except FileNotFoundError:
         found = None
     except OSError:
@@ -444,10 +443,10 @@ def _restore_queue_file(target: Path, content: bytes, report: ReplayReport) -> N
     if found == content:
         report.intact += 1
         return
-    if found is not None and target.name.endswith(".json"):
+    if found and target.name.endswith(".json"):
         try:
-            obj = json.loads(target.read_bytes())
-        except (OSError, ValueError):
+            obj = json.loads(found)
+        except ValueError:
             obj = None
         # Its own id: after a power cut a file can show blocks of another (a reused file's).
         if isinstance(obj, dict) and obj.get("id") == target.name[:-len(".json")]:
