@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import email
+import os
 import random
+import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 from serpentmail.config import Config, DeliveryConfig, embedded_default
 from serpentmail.delivery.base import Envelope, RecipientResult, Status
 from serpentmail.queue.scheduler import COURIER_ERROR, Scheduler
-from serpentmail.queue.store import QueueStore
+from serpentmail.queue.store import REQUEST_TTL, QueueStore, new_queue_id, owner_of, valid_id
 from serpentmail.storage.maildir import SpoolFile
 
 T0 = 1_700_000_000.0
@@ -554,40 +556,64 @@ def test_enqueue_waits_for_spool_recovery(tmp_path: Path) -> None:
     assert courier.attempts("a@far.test") == 1 and not store.exists(qid)
 
 
-def test_items_another_worker_queued_are_adopted_from_notices_or_the_scan(tmp_path: Path) -> None:
-    """workers = N: a non-primary worker commits with QueueForwarder and writes the id to a
-    pipe; the primary's scheduler adopts it. A notice that never arrives is found by the scan."""
-    import os
-
-    from serpentmail.queue.service import QueueForwarder, _read_notices
-
+def test_each_worker_schedules_only_its_own_share_of_the_queue(tmp_path: Path) -> None:
+    """workers = N: the queue is partitioned by id. Each worker's scheduler makes ids in its
+    own share, loads, adopts and delivers only those, and never another worker's item."""
     clock = Clock()
-    courier = FakeCourier()
-    sched, store = _spy(tmp_path, courier, clock)
-    other = QueueStore(tmp_path, clock=clock)  # the other process's view of the same spool
-    r, w = os.pipe()
-    os.set_blocking(r, False)
+    c0, c1 = FakeCourier(), FakeCourier()
+    s0, st0 = _spy(tmp_path, c0, clock, partition=(0, 2))
+    s1, st1 = _spy(tmp_path, c1, clock, partition=(1, 2))
+    left = put(st1, "bill@home.test", ["old@far.test"])  # on disk before the start: worker 1's
 
-    async def go() -> tuple[str, str]:
-        await sched.load()
-        fwd = QueueForwarder(other, w)
-        spool = SpoolFile(other.spool_tmp)
-        spool.write(b"Subject: one\r\n\r\nfirst\r\n")
-        told = await fwd.enqueue(spool, "bill@home.test", ["a@far.test"])
-        _read_notices(r, sched, bytearray())
-        assert sched.adopt(told) is False  # already known: a repeated notice does nothing
-        await sched.run_once()
-        # Committed but the notice lost (say the pipe was full): the scan finds it.
-        lost = put(other, "bill@home.test", ["b@far.test"])
-        assert await sched.adopt_unknown() == 1
-        await sched.run_once()
-        return told, lost
+    async def go() -> tuple[list[str], list[str]]:
+        assert await s0.load() == 0 and await s1.load() == 1
+        mine0 = [await _enqueue(s0, st0, [f"a{i}@far.test"]) for i in range(6)]
+        mine1 = [await _enqueue(s1, st1, [f"b{i}@far.test"]) for i in range(6)]
+        # Committed but never indexed (say, by a worker killed right after): its owner's scan
+        # finds it; the other worker's scan and adopt leave it alone.
+        lost = put(st1, "bill@home.test", ["late@far.test"])
+        assert s0.adopt(lost) is False and await s0.adopt_unknown() == 0
+        assert await s1.adopt_unknown() == 1
+        await s0.run_once()
+        await s1.run_once()
+        return mine0, [left, *mine1, lost]
 
-    told, lost = asyncio.run(go())
-    os.close(r)
-    os.close(w)
-    assert [c[0] for c in courier.calls] == [told, lost]
-    assert courier.calls[0][3] == b"Subject: one\r\n\r\nfirst\r\n"
-    assert list(store.ids()) == []  # both delivered and removed, each once
-    assert store.loads == 2  # each envelope read once: at adoption, not again for its first pass
-    assert sched.adopt(told) is False  # gone: a late notice does nothing
+    mine0, mine1 = asyncio.run(go())
+    assert all(owner_of(q, 2) == 0 for q in mine0) and all(owner_of(q, 2) == 1 for q in mine1)
+    assert sorted(c[0] for c in c0.calls) == sorted(mine0)
+    assert sorted(c[0] for c in c1.calls) == sorted(mine1)
+    assert list(QueueStore(tmp_path).ids()) == []  # every item delivered once and removed
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5, 8, 64])
+def test_queue_ids_fall_in_their_makers_share_and_dsns_follow_their_message(count: int) -> None:
+    for index in range(count):
+        for _ in range(200):
+            qid = new_queue_id(owner=(index, count))
+            assert valid_id(qid) and len(qid) == 20
+            assert owner_of(qid, count) == index
+            assert owner_of(f"{qid}B0", count) == owner_of(f"{qid}W", count) == index
+    assert owner_of("TESTID01", 4) == 0  # another shape of id: worker 0's
+    assert owner_of("00000000000000ZZZZZZ", 4) == 0
+
+
+def test_control_requests_reach_every_worker_once_and_an_item_only_its_owner(tmp_path: Path) -> None:
+    clock = Clock()
+    w0 = QueueStore(tmp_path, clock=clock, partition=(0, 2))
+    w1 = QueueStore(tmp_path, clock=clock, partition=(1, 2))
+    cli = QueueStore(tmp_path)
+    one = new_queue_id(owner=(1, 2))
+    cli.request("flush")
+    cli.request("retry", one)
+    assert w0.take_requests() == [("flush", None)]
+    assert sorted(w1.take_requests(), key=str) == sorted([("flush", None), ("retry", one)], key=str)
+    assert w0.take_requests() == [] and w1.take_requests() == []  # acted on once each
+    cli.request("flush")  # a second request for all is a second request
+    assert w0.take_requests() == [("flush", None)]
+    names = sorted(p.name for p in cli.control.iterdir())
+    assert len(names) == 2 and all(n.startswith("flush.ALL.") for n in names)  # kept for the others
+    old = time.time() - REQUEST_TTL - 1
+    for p in cli.control.iterdir():
+        os.utime(p, (old, old))
+    w1.take_requests()
+    assert list(cli.control.iterdir()) == []  # expired: removed by whoever saw it last

@@ -117,8 +117,8 @@ class Scheduler:
         # False when another process already ran QueueStore.recover() (the parent of several
         # worker processes, before any of them could enqueue: see server/workers.py).
         self.recover_at_start = True
-        # With several worker processes, the primary also looks for items it was not told
-        # about every this many seconds (None: never; one process is told of everything).
+        # With several worker processes, each also scans its share of the queue for items it
+        # does not know every this many seconds (None: never).
         self.rescan_interval: float | None = None
 
     # --- index ---------------------------------------------------------------------------
@@ -162,7 +162,7 @@ class Scheduler:
         """Schedule an item another process committed (a worker's enqueue, see
         server/workers.py): read its envelope and give it its first pass now. Items already
         known, gone, or half-made are left alone. Returns whether it was adopted."""
-        if qid in self._index or qid in self._active or not valid_id(qid):
+        if qid in self._index or qid in self._active or not valid_id(qid) or not self.store.owns(qid):
             return False
         try:
             rec = self.store.load(qid)  # a few hundred bytes, just written: read inline

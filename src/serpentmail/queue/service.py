@@ -6,7 +6,8 @@ imported lazily; a placeholder that defers with "remote delivery not available" 
 module is absent), a :class:`DomainRouter` between them, and the :class:`Scheduler`. Set it
 as ``ctx.outbound`` (so the SMTP side can queue; an enqueue waits until the spool has been
 recovered) and start it. The returned stopper stops the scheduler: deliveries in flight
-finish or stay pending on disk.
+finish or stay pending on disk. With several worker processes each runs its own scheduler
+over its share of the queue (``QueueStore.partition``).
 
 Routing: a recipient whose domain is one of ours (accounts database) or our own hostname
 (``postmaster@<hostname>``, RFC 5321 §4.5.1) goes to the local courier; any other goes to the
@@ -15,10 +16,8 @@ remote courier.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -28,10 +27,8 @@ from ..accounts.db import AccountDB
 from ..config import Config
 from ..delivery.base import Courier, Envelope, RecipientResult
 from ..delivery.local import LocalCourier
-from ..log import log_event
 from ..proto.address import AddressError, parse_mailbox
 from ..server.run import START_HOOKS
-from ..storage.maildir import SpoolFile
 from .scheduler import Scheduler
 from .store import QueueStore, domain_of
 
@@ -137,64 +134,19 @@ def build_scheduler(config: Config, store: QueueStore, accounts: AccountDB, *,
     return Scheduler(store, router, config, expand=alias_expander(accounts))
 
 
-class QueueForwarder:
-    """The OutboundQueue of a worker process other than the primary (server/workers.py):
-    commits the item exactly as the scheduler would, then tells the primary, which runs the
-    one scheduler, through a pipe. A notice that cannot be written (the pipe full, the primary
-    restarting) is not needed for safety: the item is on disk and the primary's periodic scan
-    adopts it."""
-
-    def __init__(self, store: QueueStore, notify_fd: int) -> None:
-        self.store = store
-        self.notify_fd = notify_fd
-
-    async def enqueue(self, spool: SpoolFile, sender: str, recipients: list[str], *,
-                      smtputf8: bool = False, body_8bit: bool = False) -> str:
-        rec = await self.store.enqueue(spool, sender, recipients, smtputf8=smtputf8, body_8bit=body_8bit)
-        log_event(log, "queued", id=rec.id, **{"from": f"<{sender}>"}, nrcpt=len(rec.recipients), size=rec.size)
-        try:
-            os.write(self.notify_fd, rec.id.encode() + b"\n")  # < PIPE_BUF: one atomic write
-        except OSError:
-            pass
-        return rec.id
-
-
-def _read_notices(fd: int, scheduler: Scheduler, partial: bytearray) -> None:
-    """Reader callback on the primary: queue ids, one per line, from the other workers."""
-    try:
-        chunk = os.read(fd, 65536)
-    except (BlockingIOError, InterruptedError):
-        return
-    except OSError:
-        chunk = b""
-    if not chunk:  # every writer gone (they are all stopping): stop listening
-        asyncio.get_running_loop().remove_reader(fd)
-        return
-    partial += chunk
-    *lines, rest = partial.split(b"\n")
-    partial[:] = rest
-    for line in lines:
-        scheduler.adopt(line.decode("ascii", "replace"))
-
-
-ADOPT_SCAN_INTERVAL = 30.0  # seconds between the primary's scans for items it was not told of
+ADOPT_SCAN_INTERVAL = 30.0  # seconds between a worker's scans of its share for items it does not know
 
 
 async def _start_queue(server: Server) -> Callable[[], Awaitable[None]] | None:
     ctx = server.ctx
     assert ctx is not None
-    # Only the process that runs the scheduler journals new items: it is the one that removes
-    # them, and a removal must be recorded in the journal that holds the item (QueueStore).
-    primary = server.worker_index == 0  # also the only process without workers
-    store = QueueStore(server.config.data_dir, ctx.committer, recycler=ctx.recycler, journal=primary)
-    if not primary:
-        assert server.notify_fd is not None
-        ctx.outbound = QueueForwarder(store, server.notify_fd)
-
-        async def stop_forwarder() -> None:
-            store.discard_spares()
-
-        return stop_forwarder
+    # Every worker process runs a scheduler over its own share of the queue (QueueStore's
+    # partition, by queue id): it journals, delivers, retries and removes the items it
+    # accepted itself, so a message never crosses to another process, and a removal is always
+    # recorded in the journal that holds the item.
+    count = server.worker_count
+    store = QueueStore(server.config.data_dir, ctx.committer, recycler=ctx.recycler, journal=True,
+                       partition=(server.worker_index, count) if count > 1 else None)
 
     def notify(links: list[Path]) -> None:
         # Read at call time: a component (POP3) may install its hook after we start.
@@ -203,21 +155,14 @@ async def _start_queue(server: Server) -> Callable[[], Awaitable[None]] | None:
 
     scheduler = build_scheduler(server.config, store, ctx.accounts, on_local_delivery=notify)
     ctx.outbound = scheduler  # enqueue() waits until start() has recovered the spool
-    reading: int | None = None
-    if server.worker_count > 1:
-        scheduler.recover_at_start = False  # the parent recovered the spool before forking
+    if count > 1:
+        # The parent recovered the whole spool before forking: a worker's recover() would
+        # also empty tmp/, where the others' new envelopes are being written.
+        scheduler.recover_at_start = False
         scheduler.rescan_interval = ADOPT_SCAN_INTERVAL
     await scheduler.start()
-    if server.worker_count > 1:
-        if server.notify_fd is not None:
-            reading = server.notify_fd
-            os.set_blocking(reading, False)
-            asyncio.get_running_loop().add_reader(reading, _read_notices, reading, scheduler, bytearray())
-        await scheduler.adopt_unknown()  # committed by other workers while this one started
 
     async def stop() -> None:
-        if reading is not None:
-            asyncio.get_running_loop().remove_reader(reading)
         await scheduler.stop()
 
     return stop

@@ -27,6 +27,9 @@ Invariants (see docs/queue-states.md for the full table):
   (one flush, no fsync of the files or directories), and an item delivered before the
   journal's next checkpoint is removed with a removal record instead of any fsync
   (:meth:`QueueStore._remove_journaled`; docs/queue-states.md, "Journaled items").
+* With several worker processes the queue is partitioned among them by id
+  (:func:`owner_of`): each worker makes ids of its own partition, journals, delivers,
+  retries and removes its own items, and never touches another's (``partition``).
 * Listing reads envelopes only (small JSON), never message bodies: :meth:`QueueStore.scan`
   yields one envelope at a time, so 100,000 queued messages are never all in memory.
 
@@ -57,6 +60,7 @@ RecipientState = Literal["pending", "delivered", "failed"]
 ENVELOPE_VERSION = 1
 # Empty temp files kept ready for new envelopes (see QueueStore._env_spool).
 SPARE_ENVELOPE_FILES = 32
+REQUEST_TTL = 10.0  # seconds a request for every item stays for the other workers to see
 _ID_RE = re.compile(r"^[0-9A-Z]{8,40}$")
 
 
@@ -64,13 +68,39 @@ class QueueError(ValueError):
     """A user-facing queue problem (unknown id, bad id)."""
 
 
-def new_queue_id(now: float | None = None) -> str:
+_RANDOM = slice(14, 20)  # the 24 random bits of an id new_queue_id made (6 hex digits)
+_RANDOM_SPAN = 1 << 24
+
+
+def new_queue_id(now: float | None = None, owner: tuple[int, int] | None = None) -> str:
     """A sortable id: microseconds since the epoch (hex) then 24 random bits.
 
     Ids are made of ``[0-9A-Z]`` only, so they are safe as file names and in CLI arguments.
+    ``owner`` = (index, count): the random bits are chosen so that :func:`owner_of` gives
+    ``index`` (the worker process that makes the id owns the item).
     """
     micros = int((time.time() if now is None else now) * 1_000_000)
-    return f"{micros:014X}{secrets.token_hex(3).upper()}"
+    bits = secrets.randbits(24)
+    if owner is not None:
+        index, count = owner
+        bits += index - bits % count
+        if bits >= _RANDOM_SPAN:
+            bits -= count
+    return f"{micros:014X}{bits:06X}"
+
+
+def owner_of(qid: str, count: int) -> int:
+    """The worker (0 .. count-1) that owns queue item ``qid`` when ``count`` workers share the
+    queue: its 24 random bits modulo ``count``. A DSN's id is its message's id plus a suffix,
+    so a bounce belongs to the worker that owns the message. An id of another shape (a test's,
+    a tool's) belongs to worker 0."""
+    digits = qid[_RANDOM]
+    if count <= 1 or len(digits) != 6:
+        return 0
+    try:
+        return int(digits, 16) % count
+    except ValueError:
+        return 0
 
 
 def valid_id(qid: str) -> bool:
@@ -177,7 +207,8 @@ class QueueStore:
     """Files of the outbound queue. Thread-safe for distinct ids; one writer per id."""
 
     def __init__(self, data_dir: Path, committer: Committer | None = None,
-                 clock: Any = time.time, recycler: Recycler | None = None, *, journal: bool = False) -> None:
+                 clock: Any = time.time, recycler: Recycler | None = None, *, journal: bool = False,
+                 partition: tuple[int, int] | None = None) -> None:
         self.data_dir = data_dir
         self.root = data_dir / "queue"
         self.data = self.root / "data"
@@ -192,6 +223,11 @@ class QueueStore:
         # The committer's delivery journal takes new items (``journal``: only the process that
         # also removes them, the one running the scheduler; see :meth:`remove_many`).
         self.journal = committer.journal if journal and committer is not None else None
+        # (index, count): this process's share of the queue (see owner_of); None: all of it.
+        self.partition = partition if partition is not None and partition[1] > 1 else None
+        # Control requests for every item that this process has already acted on (the last
+        # worker to see one removes it: :meth:`take_requests`).
+        self._requests_seen: set[str] = set()
         # Items this process journaled: id -> the journal epoch of their two records.
         self._journaled: dict[str, int] = {}
         # remove_batched: requests waiting for the next batch, on one event loop.
@@ -234,7 +270,7 @@ class QueueStore:
         renamed into place, and both directories are fsync'd before this returns. If either
         fails, both are removed and the error is raised (the session answers 451).
         """
-        qid = qid or new_queue_id(self.clock())
+        qid = qid or new_queue_id(self.clock(), self.partition)
         record = self._new_record(qid, sender, recipients, spool.size, smtputf8, body_8bit)
         env_spool = self._env_spool()
         try:
@@ -273,7 +309,7 @@ class QueueStore:
         """Blocking enqueue of a message held in memory (DSNs, tools). With an explicit
         ``qid`` that already exists, nothing is written and None is returned: this makes DSN
         generation idempotent across a crash (the DSN id is derived from the original id)."""
-        qid = qid or new_queue_id(self.clock())
+        qid = qid or new_queue_id(self.clock(), self.partition)
         if self.env_path(qid).exists():
             return None
         record = self._new_record(qid, sender, recipients, len(content), smtputf8, False)
@@ -302,8 +338,19 @@ class QueueStore:
     def exists(self, qid: str) -> bool:
         return self.env_path(qid).exists() and self.data_path(qid).exists()
 
+    def owns(self, qid: str) -> bool:
+        """Whether ``qid`` is in this process's partition (always, without one)."""
+        return self.partition is None or owner_of(qid, self.partition[1]) == self.partition[0]
+
     def ids(self) -> Iterator[str]:
-        """Ids of items with an envelope, in no particular order (scandir, no sort in memory)."""
+        """Ids of items with an envelope, in no particular order (scandir, no sort in memory);
+        with a ``partition``, only this process's."""
+        if self.partition is None:
+            return self.all_ids()
+        return (qid for qid in self.all_ids() if self.owns(qid))
+
+    def all_ids(self) -> Iterator[str]:
+        """:meth:`ids` of every partition."""
         with os.scandir(self.env) as it:
             for entry in it:
                 name = entry.name
@@ -476,8 +523,11 @@ class QueueStore:
     def recover(self) -> tuple[int, int]:
         """At start, before anything is enqueued: drop half-made items (see module docstring).
 
+        It covers the whole spool, whatever the ``partition``: it must run before any process
+        enqueues (with workers, the parent runs it before forking).
+
         Returns (envelopes discarded, data files removed)."""
-        envs = set(self.ids())
+        envs = set(self.all_ids())
         dropped_env = 0
         for qid in envs:
             if not self.data_path(qid).exists():
@@ -509,23 +559,48 @@ class QueueStore:
         Without a running server the request is picked up at the next start."""
         if qid is not None and not valid_id(qid):
             raise QueueError(f"bad queue id {qid!r}")
-        name = f"{action}.{qid or 'ALL'}"
+        # A unique name: two requests in a row are two requests, even for workers that keep
+        # the names of the ones they have acted on (take_requests).
+        name = f"{action}.{qid or 'ALL'}.{time.time_ns():X}{secrets.token_hex(2).upper()}"
         path = self.control / name
         path.touch()
 
     def take_requests(self) -> list[tuple[str, str | None]]:
-        """Consume pending control requests: [(action, id or None for all)]."""
+        """Consume pending control requests: [(action, id or None for all)].
+
+        Without a partition every request is this process's: it is removed as it is read.
+        With one, a request for one item is acted on and removed by the item's owner only;
+        a request for all items is acted on by every worker, once each (the names it has
+        acted on are kept), and removed by whichever finds it older than
+        :data:`REQUEST_TTL` seconds: every worker polls ``control/`` each second."""
         out: list[tuple[str, str | None]] = []
         try:
             entries = list(os.scandir(self.control))
         except FileNotFoundError:
             return out
+        now = time.time()
+        present = set()
         for e in entries:
-            action, _, target = e.name.partition(".")
+            action, _, rest = e.name.partition(".")
+            target = rest.partition(".")[0]
+            known = action in ("flush", "retry") and (target == "ALL" or valid_id(target))
+            if self.partition is not None and known:
+                present.add(e.name)
+                if target != "ALL" and not self.owns(target):
+                    continue  # another worker's item
+                if target == "ALL":
+                    with contextlib.suppress(OSError):
+                        if now - e.stat().st_mtime > REQUEST_TTL:
+                            os.unlink(e.path)
+                    if e.name in self._requests_seen:
+                        continue
+                    self._requests_seen.add(e.name)
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(e.path)
-            if action in ("flush", "retry") and (target == "ALL" or valid_id(target)):
+                if target != "ALL" or self.partition is None or not known:
+                    os.unlink(e.path)
+            if known:
                 out.append((action, None if target == "ALL" else target))
+        self._requests_seen &= present
         return out
 
 

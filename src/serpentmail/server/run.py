@@ -149,13 +149,11 @@ class Server:
     ctx: ServerContext | None = None
     listeners: dict[str, list[asyncio.base_events.Server]] = field(default_factory=dict)
     bound: list[tuple[str, Endpoint]] = field(default_factory=list)
-    # Set by server/workers.py in each worker process: which one this is, of how many, the
-    # listening sockets the parent bound, and the queue-notice pipe (read end on worker 0,
-    # the primary, which runs the queue scheduler; write end on the others).
+    # Set by server/workers.py in each worker process: which one this is, of how many (its
+    # share of the queue follows from both), and the listening sockets the parent bound.
     worker_index: int = 0
     worker_count: int = 1
     prebound: Prebound | None = None
-    notify_fd: int | None = None
     parent_tls: ssl.SSLContext | None = None  # loaded by the parent, before dropping privileges
     freeze_gc: bool = False  # `serve` (a process of its own): gc.freeze() once started
     peers: PeerLink | None = None  # workers: the limits' counters shared with the others

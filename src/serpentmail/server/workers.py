@@ -14,11 +14,9 @@ are:
    (SO_REUSEPORT, one per worker and endpoint): the kernel hands each new connection to one
    worker, and only that one wakes. Which one: server/steering.py (the last worker takes
    them all while the server is nearly idle; they are spread once it is busy).
-4. Worker 1 (the primary) also runs the queue scheduler. The others commit queue items
-   with the fsync recipe (the primary journals its own: a removal must be recorded in the
-   journal holding the item; docs/queue-states.md) and write the item's id to a pipe the
-   primary reads (``queue/service.py``: ``QueueForwarder``); the primary also scans the spool every 30 s
-   for items it was not told about, so a lost notice delays an item, never loses it.
+4. Every worker runs a queue scheduler over its own share of the queue, partitioned by queue
+   id (``queue/store.py``: ``owner_of``): the items it accepted itself, which it journals,
+   delivers, retries and removes. A worker started again takes up its share where it was.
 5. SIGTERM or SIGINT to the parent is passed to every worker, which stops gracefully; the
    parent exits when they have. A worker that dies unexpectedly is started again (at most
    five times a minute, then the whole server stops with an error).
@@ -136,11 +134,11 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _worker_main(cfg: Config, index: int, count: int, prebound: Prebound, notify_fd: int,
+def _worker_main(cfg: Config, index: int, count: int, prebound: Prebound,
                  tls: ssl.SSLContext | None, peers: PeerLink) -> int:
     """The body of a forked worker: the ordinary server on the inherited sockets (the event
     loop policy, uvloop where available, was installed by the parent)."""
-    server = Server(cfg, worker_index=index, worker_count=count, prebound=prebound, notify_fd=notify_fd,
+    server = Server(cfg, worker_index=index, worker_count=count, prebound=prebound,
                     parent_tls=tls, freeze_gc=True, peers=peers)
     try:
         asyncio.run(server.run_until_signal())
@@ -167,7 +165,6 @@ class Supervisor:
         self.restarts: list[float] = []
         self.stopping = False
         self.failure: str | None = None
-        self.notify_r, self.notify_w = os.pipe()
         # The limits' shared counters (server/peers.py): a connection table in shared memory
         # and an event pipe per worker, made before forking so every worker inherits them.
         self.table = ConnectionTable(count)
@@ -195,17 +192,8 @@ class Supervisor:
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
                 _die_with_parent(parent)
-                # The primary reads notices; the others write them. Close the other end so
-                # the primary sees end-of-file when every writer has gone.
-                if index == 0:
-                    os.close(self.notify_w)
-                    fd = self.notify_r
-                else:
-                    os.close(self.notify_r)
-                    fd = self.notify_w
-                    os.set_blocking(fd, False)  # a full pipe drops the notice, never blocks
                 peers = link_for(index, self.table, self.inboxes)
-                code = _worker_main(self.cfg, index, self.count, self.prebound[index], fd, self.tls, peers)
+                code = _worker_main(self.cfg, index, self.count, self.prebound[index], self.tls, peers)
             except BaseException:  # before its server could run: the whole start fails
                 log.exception("worker %d failed to start", index + 1)
                 code = EXIT_STARTUP
@@ -246,7 +234,7 @@ class Supervisor:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-            for fd in (self.notify_r, self.notify_w, *(end for pair in self.inboxes for end in pair)):
+            for fd in (end for pair in self.inboxes for end in pair):
                 try:
                     os.close(fd)
                 except OSError:
