@@ -1,8 +1,8 @@
 """``workers = N``: a real ``serpentmail serve`` with several processes on 127.0.15.x.
 
 Checked as an administrator would: every message lands in the Maildir whatever process took
-the connection; mail queued by any worker reaches the remote host (through the primary's
-scheduler); a killed worker is replaced; SIGTERM stops every process; a taken port is one
+the connection; mail queued by any worker reaches the remote host (each worker delivers and
+retries its own share of the queue); a killed worker is replaced; SIGTERM stops every process; a taken port is one
 clear error line.
 """
 
@@ -30,7 +30,7 @@ REMOTE = "127.0.15.2"
 
 
 def _conf(tmp_path: Path, *, workers: int, relay: tuple[str, int] | None = None,
-          smtp_port: int | None = None, limits: str = "") -> tuple[Path, dict[str, int]]:
+          smtp_port: int | None = None, limits: str = "", delivery: str = "") -> tuple[Path, dict[str, int]]:
     ports = {"smtp": smtp_port or free_port(HOST), "submission": free_port(HOST), "pop3": free_port(HOST)}
     text = f"""hostname = "mx.w.test"
 data_dir = "{tmp_path / 'data'}"
@@ -52,7 +52,7 @@ auth_failure_delay = "0.05s"
 {limits}
 """
     if relay:
-        text += f'[delivery]\nrelay = "{relay[0]}:{relay[1]}"\nrelay_tls = "none"\n'
+        text += f'[delivery]\nrelay = "{relay[0]}:{relay[1]}"\nrelay_tls = "none"\n{delivery}\n'
     path = tmp_path / "mail.toml"
     path.write_text(text)
     db = AccountDB(tmp_path / "data" / "accounts.sqlite3")
@@ -207,6 +207,52 @@ def test_mail_queued_by_any_worker_reaches_the_remote_host(tmp_path: Path) -> No
             assert {g.split(b"\r\n\r\n", 1)[1] for g in got} == {f"remote {i}\r\n".encode() for i in range(n)}
             _wait(lambda: not any((tmp_path / "data" / "queue" / "env").iterdir()), timeout=10)
             assert proc.poll() is None
+
+
+def test_each_worker_retries_its_own_deferred_mail_and_queue_flush_reaches_them_all(tmp_path: Path) -> None:
+    """The queue is partitioned among the workers by id: mail deferred by either worker stays
+    in that worker's share, and one `queue flush` makes every worker try its share again."""
+    from serpentmail.cli import main
+    from serpentmail.queue.store import QueueStore, owner_of
+
+    dest = make_config(tmp_path / "dest", REMOTE, listeners=("smtp",), hostname="mx.r.test")
+    add_user(dest, "joe@r.test")
+    ep = dest.smtp.listen[0]
+    conf, ports = _conf(tmp_path, workers=2, relay=(ep.host, ep.port),
+                        delivery='retry_schedule = ["1h"]\nconnect_timeout = "2s"')
+    queue = QueueStore(tmp_path / "data")
+    n = 24
+    with serve(conf, ports, 2):
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        # Many connections at once, so the kernel spreads them over both workers (a lone one
+        # goes to the last worker: server/steering.py). Nobody listens at the destination yet:
+        # every message is deferred.
+        with contextlib.ExitStack() as stack:
+            clients = [stack.enter_context(smtplib.SMTP(HOST, ports["submission"], timeout=10)) for _ in range(n)]
+            for i, s in enumerate(clients):
+                s.starttls(context=ctx)
+                s.login("bill@w.test", "billpw")
+                s.sendmail("bill@w.test", ["joe@r.test"], f"Subject: d{i}\r\n\r\ndeferred {i}\r\n".encode())
+
+        def all_tried() -> bool:
+            recs = list(queue.scan())
+            return len(recs) == n and all(r.recipients[0].attempts == 1 for r in recs)
+
+        _wait(all_tried, timeout=30)
+        owners = {owner_of(r.id, 2) for r in queue.scan()}
+        assert owners == {0, 1}  # both workers took mail, each kept its own
+        with running_server(dest):
+            time.sleep(1.5)
+            assert maildir_files(dest, "joe@r.test") == []  # the next try is an hour away
+            assert main(["-c", str(conf), "queue", "flush"]) == 0
+            _wait(lambda: len(maildir_files(dest, "joe@r.test")) >= n, timeout=30)
+            _wait(lambda: not any((tmp_path / "data" / "queue" / "env").iterdir()), timeout=10)
+            time.sleep(1.5)  # a request acted on twice would send nothing more: nothing is left
+            got = [p.read_bytes().split(b"\r\n\r\n", 1)[1] for p in maildir_files(dest, "joe@r.test")]
+    assert sorted(got) == sorted(f"deferred {i}\r\n".encode() for i in range(n))  # each once
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()
 
 
 def test_a_taken_port_is_one_clear_error(tmp_path: Path) -> None:
