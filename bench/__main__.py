@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from . import report, scenarios
-from .common import Unavailable, raise_nofile
+from .common import Unavailable, raise_nofile, recent_cleanup, remove_tree
 from .servers import Dovecot, Postfix, Serpent, ensure_packages
 
 RESULTS = Path(__file__).parent / "results"
@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     nofile = raise_nofile(65536)
     if nofile < 21000:
         console.print(f"[yellow]open files limit is {nofile}: the 10,000-connection memory run may fall short[/]")
+
+    settling = recent_cleanup()
+    if settling:
+        console.print(f"[yellow]{settling}[/]")
 
     peer_errors: dict[str, str] = {}
     if not args.no_install:
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep:
             console.print(f"kept {root}")
         else:
-            shutil.rmtree(root, ignore_errors=True)
+            remove_tree(root)
 
     elapsed = time.monotonic() - started
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -120,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     has_chart = report.chart(rows, png)
     text = report.markdown(rows, title=f"serpentmail benchmark {stamp}" + (" (quick)" if args.quick else ""),
                            command=command, reps=args.reps, elapsed=elapsed,
-                           setup=f"serpentmail `workers = {args.workers}` ({_cpus()} CPUs)",
+                           setup=f"serpentmail `workers = {args.workers}` ({_cpus()} CPUs)"
+                           + (f"; **{settling}**" if settling else ""),
                            load=report.load_note(cpu_at_start, report.cpu_times()))
     if has_chart:
         shutil.copyfile(png, args.out / "latest.png")

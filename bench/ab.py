@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .common import wait_count
+from .common import recent_cleanup, remove_tree, wait_count
 from .scenarios import Sink, _inbound_once, _submit_load
 from .servers import Serpent
 
@@ -61,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the data directory (logs, mailboxes)")
     args = ap.parse_args(argv)
     console = Console()
+    settling = recent_cleanup()
+    if settling:
+        console.print(f"[yellow]{settling}[/]")
     root = Path(tempfile.mkdtemp(prefix="serpentmail-ab-data-", dir="/var/tmp"))
     os.chmod(root, 0o755)
     Serpent.workers = args.workers
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"kept {root}")
         else:
             # Every message of every run is in there: hundreds of megabytes per A/B.
-            shutil.rmtree(root, ignore_errors=True)
+            remove_tree(root)
     return 0
 
 

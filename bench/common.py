@@ -18,6 +18,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# When a bench run last deleted its data, and how many files: creating files on this disk
+# costs more for minutes after a mass deletion (bench/README.md), so the next run says so.
+CLEANUP_MARK = Path("/var/tmp/serpentmail-bench-cleanup")
+SETTLE_SECONDS = 600.0
+
+
+def remove_tree(root: Path) -> int:
+    """Delete a run's data directory and leave :data:`CLEANUP_MARK`; returns the files deleted."""
+    files = sum(len(names) for _dir, _dirs, names in os.walk(root))
+    shutil.rmtree(root, ignore_errors=True)
+    try:
+        CLEANUP_MARK.write_text(f"{time.time():.0f} {files}\n")
+    except OSError:
+        pass
+    return files
+
+
+def recent_cleanup() -> str | None:
+    """A warning when a bench run deleted many files less than :data:`SETTLE_SECONDS` ago."""
+    try:
+        when, files = CLEANUP_MARK.read_text().split()
+        age = time.time() - float(when)
+    except (OSError, ValueError):
+        return None
+    if age >= SETTLE_SECONDS or int(files) < 1000:
+        return None
+    return (f"started {age:.0f} s after a bench run deleted {int(files):,} files: for up to "
+            f"{SETTLE_SECONDS / 60:.0f} minutes after that, creating a file on this disk costs more "
+            "(ext4 without a journal scans recently freed inodes; bench/README.md)")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 # Loopback addresses of the benchmark (distinct from the tests' 127.0.0.x).
