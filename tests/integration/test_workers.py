@@ -255,6 +255,43 @@ def test_each_worker_retries_its_own_deferred_mail_and_queue_flush_reaches_them_
     assert "Traceback" not in (tmp_path / "serve.log").read_text()
 
 
+def test_a_worker_started_again_takes_up_its_share_of_the_queue(tmp_path: Path) -> None:
+    """Mail deferred by a worker that is then killed is not orphaned: the worker started in its
+    place loads the same share of the queue and delivers it, once."""
+    from serpentmail.cli import main
+
+    dest = make_config(tmp_path / "dest", REMOTE, listeners=("smtp",), hostname="mx.r.test")
+    add_user(dest, "joe@r.test")
+    ep = dest.smtp.listen[0]
+    conf, ports = _conf(tmp_path, workers=2, relay=(ep.host, ep.port),
+                        delivery='retry_schedule = ["1h"]\nconnect_timeout = "2s"')
+    env = tmp_path / "data" / "queue" / "env"
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    n = 5
+    with serve(conf, ports, 2) as proc:
+        with smtplib.SMTP(HOST, ports["submission"], timeout=10) as s:  # a lone client: the last worker
+            s.starttls(context=ctx)
+            s.login("bill@w.test", "billpw")
+            for i in range(n):
+                s.sendmail("bill@w.test", ["joe@r.test"], f"Subject: o{i}\r\n\r\norphan {i}\r\n".encode())
+        _wait(lambda: "status=deferred" in (tmp_path / "serve.log").read_text()
+              and (tmp_path / "serve.log").read_text().count("status=deferred") >= n, timeout=30)
+        victim = max(_children(proc.pid))
+        os.kill(victim, signal.SIGKILL)
+        _wait(lambda: victim not in _children(proc.pid) and len(_children(proc.pid)) == 2)
+        assert len(list(env.iterdir())) == n
+        with running_server(dest):
+            _wait(lambda: (tmp_path / "serve.log").read_text().count("scheduler started") >= 3)
+            assert main(["-c", str(conf), "queue", "flush"]) == 0
+            _wait(lambda: len(maildir_files(dest, "joe@r.test")) >= n, timeout=30)
+            _wait(lambda: not any(env.iterdir()), timeout=10)
+            time.sleep(1.0)
+            got = [p.read_bytes().split(b"\r\n\r\n", 1)[1] for p in maildir_files(dest, "joe@r.test")]
+    assert sorted(got) == [f"orphan {i}\r\n".encode() for i in range(n)]
+
+
 def test_a_taken_port_is_one_clear_error(tmp_path: Path) -> None:
     with socket.socket() as blocker:
         blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
