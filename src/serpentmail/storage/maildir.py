@@ -513,8 +513,9 @@ class Recycler:
     process's own prefix and blanks it there (:func:`.fsutil.blank`: a queue item's content
     does not linger, and its blocks stay allocated for the next use);
     :meth:`take` hands one back for a spool pool. At most ``limit`` are kept; past that, files
-    are deleted as before. With ``share`` (several worker processes, where only the first
-    removes queue items but every one receives mail), a process holding more than half its
+    are deleted as before. With ``share`` (several worker processes: each removes the queue
+    items it delivered, but the one that removes more than it receives should not delete files
+    another could use), a process holding more than half its
     limit renames further files to a ``shared-`` name, which it never touches again, and a
     process with none of its own claims one by renaming it to its own prefix: a rename succeeds
     for one claimant only, so no file is ever in two hands. Every file here is garbage by
