@@ -17,10 +17,17 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from . import report, scenarios
-from .common import Unavailable, raise_nofile, recent_cleanup, remove_tree
+from .common import Unavailable, raise_nofile, recent_cleanup, remove_tree, settle_remaining
 from .servers import Dovecot, Postfix, Serpent, ensure_packages
 
 RESULTS = Path(__file__).parent / "results"
@@ -36,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-install", action="store_true", help="do not apt-get install missing peers")
     ap.add_argument("--keep", action="store_true", help="keep the temp directory (logs, mailboxes)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    ap.add_argument("--settle", action="store_true",
+                    help="first wait until 10 minutes have passed since a bench run deleted many files")
     ap.add_argument("--workers", default="auto", help='serpentmail\'s `workers` setting ("auto" = one per CPU, or a number)')
     args = ap.parse_args(argv)
     console = Console()
@@ -49,6 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     if nofile < 21000:
         console.print(f"[yellow]open files limit is {nofile}: the 10,000-connection memory run may fall short[/]")
 
+    if args.settle and settle_remaining() > 0:
+        with Progress(TextColumn("waiting for the disk to settle after the last clean-up"), BarColumn(),
+                      TimeRemainingColumn(), console=console, transient=True) as wait:
+            total = settle_remaining()
+            bar = wait.add_task("settle", total=total)
+            while (left := settle_remaining()) > 0:
+                wait.update(bar, completed=total - left)
+                time.sleep(min(left, 1.0))
     settling = recent_cleanup()
     if settling:
         console.print(f"[yellow]{settling}[/]")

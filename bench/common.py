@@ -36,14 +36,25 @@ def remove_tree(root: Path) -> int:
     return files
 
 
+def settle_remaining() -> float:
+    """Seconds until :data:`SETTLE_SECONDS` have passed since the last large clean-up (0: none)."""
+    try:
+        when, files = CLEANUP_MARK.read_text().split()
+        age = time.time() - float(when)
+        many = int(files) >= 1000
+    except (OSError, ValueError):
+        return 0.0
+    return max(0.0, SETTLE_SECONDS - age) if many else 0.0
+
+
 def recent_cleanup() -> str | None:
     """A warning when a bench run deleted many files less than :data:`SETTLE_SECONDS` ago."""
+    if settle_remaining() <= 0:
+        return None
     try:
         when, files = CLEANUP_MARK.read_text().split()
         age = time.time() - float(when)
     except (OSError, ValueError):
-        return None
-    if age >= SETTLE_SECONDS or int(files) < 1000:
         return None
     return (f"started {age:.0f} s after a bench run deleted {int(files):,} files: for up to "
             f"{SETTLE_SECONDS / 60:.0f} minutes after that, creating a file on this disk costs more "
