@@ -179,6 +179,45 @@ def test_remove_batched_groups_concurrent_removals(tmp_path: Path) -> None:
     assert list(store.ids()) == []
 
 
+def test_removals_run_in_the_committer_thread_and_its_errors_reach_the_caller(tmp_path: Path) -> None:
+    """With a committer (the server), a batch of removals runs in the committer's thread after
+    the commits it queued behind, not in a thread of its own; a failure is the caller's, and
+    the committer goes on committing."""
+    import threading
+
+    ran_in: list[str] = []
+
+    class Watching(QueueStore):
+        fail = False
+
+        def remove_many(self, qids: list[str]) -> set[str]:
+            ran_in.append(threading.current_thread().name)
+            if self.fail:
+                raise OSError("disk gone")
+            return super().remove_many(qids)
+
+    committer = Committer()
+    store = Watching(tmp_path, committer)
+    try:
+        async def go() -> tuple[list[bool], str]:
+            ids = [(await store.enqueue(_spool(store, b"Subject: %d\r\n\r\nx\r\n" % i), "a@b.test",
+                                        ["x@y.test"])).id for i in range(5)]
+            gone = list(await asyncio.gather(*(store.remove_batched(q) for q in ids)))
+            store.fail = True
+            with pytest.raises(OSError, match="disk gone"):
+                await store.remove_batched("NOSUCHITEM01")
+            store.fail = False
+            later = await store.enqueue(_spool(store, b"Subject: later\r\n\r\nx\r\n"), "a@b.test", ["x@y.test"])
+            return gone, later.id
+
+        gone, later = asyncio.run(go())
+    finally:
+        committer.close()
+    assert gone == [True] * 5
+    assert ran_in and set(ran_in) == {"committer-0"}
+    assert list(store.ids()) == [later] and store.exists(later)  # committed after the failure
+
+
 def test_new_envelopes_use_spare_files_made_off_the_event_loop(tmp_path: Path) -> None:
     import threading
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import re
@@ -54,7 +55,7 @@ from typing import Any, Literal
 
 from ..storage.fsutil import fsync_dir, write_durably
 from ..storage.journal import JournalFull
-from ..storage.maildir import Committer, Recycler, SpoolFile, SpoolPool, commit_async
+from ..storage.maildir import Committer, Recycler, SpoolFile, SpoolPool, call_then, commit_async
 
 RecipientState = Literal["pending", "delivered", "failed"]
 ENVELOPE_VERSION = 1
@@ -487,8 +488,9 @@ class QueueStore:
 
     async def remove_batched(self, qid: str) -> bool:
         """:meth:`remove` from the event loop, group-committed: removals requested while a
-        batch is being made durable share the next batch's single directory fsync (one
-        worker thread at a time). Returns once this item's removal is durable."""
+        batch is being made durable share the next batch's single directory fsync (one batch
+        at a time, in the committer's thread when there is a committer). Returns once this
+        item's removal is durable."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[bool] = loop.create_future()
         if self._rm_loop is not loop:
@@ -505,7 +507,7 @@ class QueueStore:
             while self._rm_pending:
                 batch, self._rm_pending = self._rm_pending, []
                 try:
-                    gone = await asyncio.to_thread(self.remove_many, [q for q, _ in batch])
+                    gone = await self._remove_in_thread([q for q, _ in batch])
                 except Exception as exc:
                     for _, fut in batch:
                         if not fut.done():
@@ -517,6 +519,26 @@ class QueueStore:
         finally:
             self._rm_running = False
             self._rm_task = None
+
+    async def _remove_in_thread(self, qids: list[str]) -> set[str]:
+        """:meth:`remove_many` off the event loop: in the committer's thread, after the commits
+        of the batch it joins (no thread of its own to wake, one loop wake-up for the batch);
+        without a committer, in the default executor."""
+        if self.committer is None:
+            return await asyncio.to_thread(self.remove_many, qids)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[set[str]] = loop.create_future()
+
+        def settle(result: set[str] | None, err: BaseException | None) -> None:  # on the loop
+            if fut.done():
+                return
+            if err is not None:
+                fut.set_exception(err)
+            else:
+                fut.set_result(result or set())
+
+        call_then(self.committer, functools.partial(self.remove_many, qids), settle)
+        return await fut
 
     # --- recovery ------------------------------------------------------------------------
 

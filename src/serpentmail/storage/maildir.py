@@ -152,6 +152,15 @@ class CommitJob:
     epoch: int | None = None  # set when journaled: the journal's epoch at the append
 
 
+@dataclass(slots=True)
+class CallJob:
+    """Run ``fn`` in the committer thread after the commit jobs of its batch (see
+    :meth:`Committer.call`); ``on_done(result, error)`` is called there."""
+
+    fn: Callable[[], Any]
+    on_done: Callable[[Any, BaseException | None], None]
+
+
 class Committer:
     """Threads that run commit jobs in batches (group commit). See the module docstring.
 
@@ -161,7 +170,7 @@ class Committer:
     """
 
     def __init__(self, threads: int = 1, journal: Journal | None = None) -> None:
-        self._q: queue.SimpleQueue[CommitJob | None] = queue.SimpleQueue()
+        self._q: queue.SimpleQueue[CommitJob | CallJob | None] = queue.SimpleQueue()
         self.journal = journal
         self._threads = [threading.Thread(target=self._run, name=f"committer-{i}", daemon=True) for i in range(threads)]
         self._stop = threading.Event()
@@ -171,6 +180,13 @@ class Committer:
             t.start()
 
     def submit(self, job: CommitJob) -> None:
+        self._q.put(job)
+
+    def call(self, job: CallJob) -> None:
+        """Run other file work (a queue item's removal) in the committer thread, after the
+        commits of the batch it lands in: no thread of its own to wake, and its answer reaches
+        the event loop with the batch's (one wake-up). For short work only: it holds up the
+        next batch."""
         self._q.put(job)
 
     def idle(self) -> bool:
@@ -229,7 +245,19 @@ class Committer:
                     stop = True
                     break
                 batch.append(nxt)
-            self._commit(batch)
+            commits = [j for j in batch if isinstance(j, CommitJob)]
+            calls = [j for j in batch if isinstance(j, CallJob)]
+            if commits:
+                self._commit(commits, wake=not calls)
+            for call in calls:
+                try:
+                    result = call.fn()
+                except BaseException as exc:  # the caller decides; never kill the committer
+                    call.on_done(None, exc)
+                else:
+                    call.on_done(result, None)
+            if calls:
+                _LoopWaker.flush_all()
             if stop:
                 return
 
@@ -486,6 +514,19 @@ async def commit_async(committer: Committer, spool: SpoolFile, links: list[Path]
                       journal=journal)
     await fut
     return job.epoch
+
+
+def call_then(committer: Committer, fn: Callable[[], Any], callback: Callable[[Any, BaseException | None], None]) -> None:
+    """Run ``fn`` in ``committer``'s thread (:meth:`Committer.call`); ``callback(result,
+    error)`` runs on the running event loop, with the answers of the batch it was part of."""
+    import asyncio
+
+    waker = _LoopWaker.for_loop(asyncio.get_running_loop())
+
+    def done(result: Any, err: BaseException | None) -> None:  # runs in the committer thread
+        waker.add(functools.partial(callback, result), err)
+
+    committer.call(CallJob(fn, done))
 
 
 def commit_then(committer: Committer, spool: SpoolFile, links: list[Path],
