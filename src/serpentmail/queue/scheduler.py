@@ -159,13 +159,14 @@ class Scheduler:
         return rec.id
 
     def adopt(self, qid: str) -> bool:
-        """Schedule an item another process committed (a worker's enqueue, see
-        server/workers.py): read its envelope and give it its first pass now. Items already
-        known, gone, or half-made are left alone. Returns whether it was adopted."""
+        """Schedule an item of this process's share that is on disk but not in the index (see
+        :meth:`adopt_unknown`): read its envelope and give it its first pass now. Items already
+        known, another worker's, gone, or half-made are left alone. Returns whether it was
+        adopted."""
         if qid in self._index or qid in self._active or not valid_id(qid) or not self.store.owns(qid):
             return False
         try:
-            rec = self.store.load(qid)  # a few hundred bytes, just written: read inline
+            rec = self.store.load(qid)  # a few hundred bytes: read inline
         except (OSError, ValueError):
             return False
         if rec is None or not self.store.data_path(qid).exists():  # the envelope was just read
@@ -175,8 +176,9 @@ class Scheduler:
         return True
 
     async def adopt_unknown(self) -> int:
-        """Adopt every item on disk the index does not know (the safety net behind the
-        workers' notifications: one lost in a full pipe or a restart is found here)."""
+        """Adopt every item of this process's share on disk that the index does not know (with
+        workers, a safety net run every ``rescan_interval``: an item committed but never
+        indexed, say by a worker killed in between, is found here)."""
         n = 0
         for qid in await asyncio.to_thread(lambda: list(self.store.ids())):
             if self.adopt(qid):

@@ -55,7 +55,7 @@ from typing import Any, Literal
 
 from ..storage.fsutil import fsync_dir, write_durably
 from ..storage.journal import JournalFull
-from ..storage.maildir import Committer, Recycler, SpoolFile, SpoolPool, call_then, commit_async
+from ..storage.maildir import Committer, Recycler, SpoolFile, SpoolPool, call_async, commit_async
 
 RecipientState = Literal["pending", "delivered", "failed"]
 ENVELOPE_VERSION = 1
@@ -221,8 +221,9 @@ class QueueStore:
         self.clock = clock
         # The server's: removed items' files are kept for reuse (storage/maildir.py explains why).
         self.recycler = recycler
-        # The committer's delivery journal takes new items (``journal``: only the process that
-        # also removes them, the one running the scheduler; see :meth:`remove_many`).
+        # The committer's delivery journal takes new items (``journal``: the process that also
+        # removes them, since a removal is recorded in the journal holding the item; with
+        # workers, each journals its own share: see :meth:`remove_many`).
         self.journal = committer.journal if journal and committer is not None else None
         # (index, count): this process's share of the queue (see owner_of); None: all of it.
         self.partition = partition if partition is not None and partition[1] > 1 else None
@@ -526,19 +527,8 @@ class QueueStore:
         without a committer, in the default executor."""
         if self.committer is None:
             return await asyncio.to_thread(self.remove_many, qids)
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[set[str]] = loop.create_future()
-
-        def settle(result: set[str] | None, err: BaseException | None) -> None:  # on the loop
-            if fut.done():
-                return
-            if err is not None:
-                fut.set_exception(err)
-            else:
-                fut.set_result(result or set())
-
-        call_then(self.committer, functools.partial(self.remove_many, qids), settle)
-        return await fut
+        gone: set[str] = await call_async(self.committer, functools.partial(self.remove_many, qids))
+        return gone
 
     # --- recovery ------------------------------------------------------------------------
 
@@ -601,28 +591,29 @@ class QueueStore:
         except FileNotFoundError:
             return out
         now = time.time()
-        present = set()
+        shared: set[str] = set()  # requests for all items still waiting for the other workers
         for e in entries:
             action, _, rest = e.name.partition(".")
             target = rest.partition(".")[0]
-            known = action in ("flush", "retry") and (target == "ALL" or valid_id(target))
-            if self.partition is not None and known:
-                present.add(e.name)
-                if target != "ALL" and not self.owns(target):
-                    continue  # another worker's item
-                if target == "ALL":
-                    with contextlib.suppress(OSError):
-                        if now - e.stat().st_mtime > REQUEST_TTL:
-                            os.unlink(e.path)
-                    if e.name in self._requests_seen:
-                        continue
-                    self._requests_seen.add(e.name)
-            with contextlib.suppress(FileNotFoundError):
-                if target != "ALL" or self.partition is None or not known:
+            if action not in ("flush", "retry") or not (target == "ALL" or valid_id(target)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(e.path)  # not a request: garbage
+                continue
+            if self.partition is None or target != "ALL":
+                if not self.owns(target):
+                    continue  # another worker's item: its owner takes the request
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(e.path)
-            if known:
                 out.append((action, None if target == "ALL" else target))
-        self._requests_seen &= present
+                continue
+            shared.add(e.name)
+            with contextlib.suppress(OSError):
+                if now - e.stat().st_mtime > REQUEST_TTL:
+                    os.unlink(e.path)
+            if e.name not in self._requests_seen:
+                self._requests_seen.add(e.name)
+                out.append((action, None))
+        self._requests_seen &= shared
         return out
 
 

@@ -516,6 +516,25 @@ async def commit_async(committer: Committer, spool: SpoolFile, links: list[Path]
     return job.epoch
 
 
+async def call_async(committer: Committer, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` in ``committer``'s thread (:meth:`Committer.call`) and return its result, or
+    raise its error, once the batch it was part of has been answered on the event loop."""
+    import asyncio
+
+    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    def settle(result: Any, err: BaseException | None) -> None:  # on the event loop
+        if fut.done():
+            return
+        if err is None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(err)
+
+    call_then(committer, fn, settle)
+    return await fut
+
+
 def call_then(committer: Committer, fn: Callable[[], Any], callback: Callable[[Any, BaseException | None], None]) -> None:
     """Run ``fn`` in ``committer``'s thread (:meth:`Committer.call`); ``callback(result,
     error)`` runs on the running event loop, with the answers of the batch it was part of."""
