@@ -36,29 +36,34 @@ def remove_tree(root: Path) -> int:
     return files
 
 
-def settle_remaining() -> float:
-    """Seconds until :data:`SETTLE_SECONDS` have passed since the last large clean-up (0: none)."""
+def _last_cleanup() -> tuple[float, int] | None:
+    """(seconds since, files deleted) of the last bench clean-up, None if unknown."""
     try:
         when, files = CLEANUP_MARK.read_text().split()
-        age = time.time() - float(when)
-        many = int(files) >= 1000
+        return time.time() - float(when), int(files)
     except (OSError, ValueError):
+        return None
+
+
+def settle_remaining() -> float:
+    """Seconds until :data:`SETTLE_SECONDS` have passed since the last large clean-up (0: none)."""
+    last = _last_cleanup()
+    if last is None or last[1] < 1000:
         return 0.0
-    return max(0.0, SETTLE_SECONDS - age) if many else 0.0
+    return max(0.0, SETTLE_SECONDS - last[0])
 
 
 def recent_cleanup() -> str | None:
     """A warning when a bench run deleted many files less than :data:`SETTLE_SECONDS` ago."""
-    if settle_remaining() <= 0:
+    last = _last_cleanup()
+    if last is None or settle_remaining() <= 0:
         return None
-    try:
-        when, files = CLEANUP_MARK.read_text().split()
-        age = time.time() - float(when)
-    except (OSError, ValueError):
-        return None
-    return (f"started {age:.0f} s after a bench run deleted {int(files):,} files: for up to "
+    age, files = last
+    return (f"started {age:.0f} s after a bench run deleted {files:,} files: for up to "
             f"{SETTLE_SECONDS / 60:.0f} minutes after that, creating a file on this disk costs more "
             "(ext4 without a journal scans recently freed inodes; bench/README.md)")
+
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 # Loopback addresses of the benchmark (distinct from the tests' 127.0.0.x).
