@@ -605,7 +605,9 @@ def test_control_requests_reach_every_worker_once_and_an_item_only_its_owner(tmp
     one = new_queue_id(owner=(1, 2))
     cli.request("flush")
     cli.request("retry", one)
+    (cli.control / "bogus.request").touch()  # not a request: whoever sees it removes it
     assert w0.take_requests() == [("flush", None)]
+    assert not (cli.control / "bogus.request").exists()
     assert sorted(w1.take_requests(), key=str) == sorted([("flush", None), ("retry", one)], key=str)
     assert w0.take_requests() == [] and w1.take_requests() == []  # acted on once each
     cli.request("flush")  # a second request for all is a second request
