@@ -27,7 +27,14 @@ from rich.progress import (
 )
 
 from . import report, scenarios
-from .common import Unavailable, raise_nofile, recent_cleanup, remove_tree, settle_remaining
+from .common import (
+    Unavailable,
+    build_package,
+    raise_nofile,
+    recent_cleanup,
+    remove_tree,
+    settle_remaining,
+)
 from .servers import Dovecot, Postfix, Serpent, ensure_packages
 
 RESULTS = Path(__file__).parent / "results"
@@ -45,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     ap.add_argument("--settle", action="store_true",
                     help="first wait until 10 minutes have passed since a bench run deleted many files")
+    ap.add_argument("--pure", action="store_true",
+                    help="run serpentmail from the sources as they are, not built as `pip install .` "
+                         "builds it (mypyc-compiled modules where a C compiler is at hand)")
     ap.add_argument("--workers", default="auto", help='serpentmail\'s `workers` setting ("auto" = one per CPU, or a number)')
     args = ap.parse_args(argv)
     console = Console()
@@ -78,6 +88,18 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"[yellow]peers unavailable: {exc}[/]")
     root = Path(tempfile.mkdtemp(prefix="serpentmail-bench-", dir="/var/tmp"))
     os.chmod(root, 0o755)
+    code_note = "the sources as they are (--pure): pure-Python modules"
+    if not args.pure:
+        with console.status("building serpentmail as `pip install .` does (mypyc: a minute or two)"):
+            try:
+                compiled = build_package(Path(__file__).resolve().parent.parent, root / "build")
+            except Unavailable as exc:
+                console.print(f"[red]{exc}[/]")
+                return 1
+        Serpent.code = root / "build"
+        code_note = ("built as `pip install .` builds it: hot-path modules compiled with mypyc" if compiled
+                     else "built as `pip install .` builds it, but nothing was compiled (no C compiler?)")
+    console.print(f"serpentmail code: {code_note}")
     need_pop3 = "pop3" in names
     serpent = Serpent(root, pop3=need_pop3 and scenarios.serpent_pop3_available() is None)
     postfix: Postfix | None = Postfix(root, smtpd_limit=1100)
@@ -136,12 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python -m bench" + (" --quick" if args.quick else "") + (f" --reps {args.reps}" if args.reps != 3 else "") \
         + (f" --only {' '.join(args.only)}" if args.only else "") \
-        + (f" --workers {args.workers}" if args.workers != "auto" else "")
+        + (f" --workers {args.workers}" if args.workers != "auto" else "") + (" --pure" if args.pure else "")
     png = args.out / f"{stamp}.png"
     has_chart = report.chart(rows, png)
     text = report.markdown(rows, title=f"serpentmail benchmark {stamp}" + (" (quick)" if args.quick else ""),
                            command=command, reps=args.reps, elapsed=elapsed,
-                           setup=f"serpentmail `workers = {args.workers}` ({_cpus()} CPUs)"
+                           setup=f"serpentmail `workers = {args.workers}` ({_cpus()} CPUs), {code_note}"
                            + (f"; **{settling}**" if settling else ""),
                            load=report.load_note(cpu_at_start, report.cpu_times()))
     if has_chart:

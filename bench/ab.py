@@ -28,7 +28,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .common import recent_cleanup, remove_tree, wait_count
+from .common import build_package, recent_cleanup, remove_tree, wait_count
 from .scenarios import Sink, _inbound_once, _submit_load
 from .servers import Serpent
 
@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, default=8, help="runs of each side, alternating")
     ap.add_argument("--workers", default="1", help="serpentmail's `workers` setting for both sides")
     ap.add_argument("--keep", action="store_true", help="keep the data directory (logs, mailboxes)")
+    ap.add_argument("--build", choices=["none", "both", "working"], default="none",
+                    help="run a side as `pip install .` builds it (mypyc-compiled modules where its "
+                         "setup.py has them) instead of its sources: neither (default), both, or only "
+                         "the working tree (with REV = HEAD: the compiled build against the pure sources)")
     args = ap.parse_args(argv)
     console = Console()
     settling = recent_cleanup()
@@ -73,7 +77,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.scenario == "submission":
                 sink = Sink(root)
                 sink.start()
-            for name, src in ((args.rev, old / "src"), ("working tree", REPO / "src")):
+            codes = {args.rev: old / "src", "working tree": REPO / "src"}
+            for i, (name, checkout) in enumerate(((args.rev, old), ("working tree", REPO))):
+                if args.build == "both" or (args.build == "working" and checkout == REPO):
+                    with console.status(f"building {name} as `pip install .` does (a minute or two)"):
+                        compiled = build_package(checkout, root / f"build-{i}")
+                    codes[name] = root / f"build-{i}"
+                    console.print(f"{name}: built, {'compiled modules' if compiled else 'nothing compiled'}")
+            for name, src in codes.items():
                 srv = (Serpent(root / f"side{len(sides)}", submission=True, sink=(sink.ip, sink.port))
                        if sink is not None else Serpent(root / f"side{len(sides)}"))
                 srv.setup()

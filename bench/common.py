@@ -12,6 +12,7 @@ import resource
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -230,3 +231,16 @@ class Sample:
 
     value: float  # the headline figure (msg/s, KiB per connection, ms ...)
     extra: dict[str, float] = field(default_factory=dict)
+
+
+def build_package(checkout: Path, dest: Path) -> bool:
+    """``pip install --no-deps --target dest checkout``: the package as a user's ``pip install .``
+    builds it (setup.py compiles its hot-path modules with mypyc where it can). True when
+    compiled modules came out; the servers then run it with ``PYTHONPATH=dest``."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+                          "--target", str(dest), str(checkout)], capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise Unavailable(f"building {checkout} failed: {res.stderr.strip()[-400:]}")
+    return any(dest.glob("*__mypyc*.so"))

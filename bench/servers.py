@@ -111,6 +111,9 @@ class Serpent:
     # `workers` in its config: "auto" (one process per CPU, the setting an administrator of a
     # multi-core machine would choose, as Postfix and Dovecot run many processes) or a number.
     workers = "auto"
+    # The code it runs when start() names none: a directory put first on PYTHONPATH (a build
+    # from bench.common.build_package), or None for whatever `python -m serpentmail` imports.
+    code: Path | None = None
 
     def __init__(self, root: Path, *, pop3: bool = False, submission: bool = False,
                  sink: tuple[str, int] | None = None) -> None:
@@ -188,6 +191,7 @@ class Serpent:
         logfile = self.root / "serpentmail.log"
         offset = logfile.stat().st_size if logfile.exists() else 0  # the log is appended to
         log = open(self.root / "serve.out", "ab")
+        src = src if src is not None else self.code
         env = dict(os.environ, PYTHONPATH=str(src)) if src is not None else None
         self.proc = subprocess.Popen([sys.executable, "-m", "serpentmail", "-c", str(self.conf), "serve"],
                                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)

@@ -198,7 +198,7 @@ Event = LoginAttempt | Retrieve | Update | StartTLS | CloseConnection
 _E = TypeVar("_E", LoginAttempt, Retrieve, Update)
 
 
-class ProtocolError(RuntimeError):
+class ProtocolError(Exception):
     """The I/O layer used the engine wrongly (a bug, never caused by a peer)."""
 
 

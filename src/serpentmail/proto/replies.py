@@ -14,12 +14,16 @@ import functools
 from dataclasses import dataclass
 
 
-class ReplyClass:
-    """The reply-code classes of RFC 5321 §4.2.1, for anything with a ``code``."""
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One SMTP reply: a three-digit code, an enhanced status code and human text."""
 
-    __slots__ = ()
     code: int
+    enhanced: str
+    text: str
 
+    # The reply-code classes of RFC 5321 §4.2.1 (smtp_client.ServerReply has the same three;
+    # a shared base class declaring ``code`` would not compile with mypyc, see setup.py).
     @property
     def is_positive(self) -> bool:
         return 200 <= self.code < 400
@@ -31,15 +35,6 @@ class ReplyClass:
     @property
     def is_permanent(self) -> bool:
         return self.code >= 500
-
-
-@dataclass(frozen=True, slots=True)
-class Reply(ReplyClass):
-    """One SMTP reply: a three-digit code, an enhanced status code and human text."""
-
-    code: int
-    enhanced: str
-    text: str
 
     def with_text(self, text: str) -> Reply:
         return Reply(self.code, self.enhanced, text)

@@ -38,8 +38,6 @@ import re
 from collections import deque
 from dataclasses import dataclass, field
 
-from .replies import ReplyClass
-
 # RFC 5321 §4.5.3.1.5 sets 512 octets as the minimum reply line length; be generous with
 # real servers but bounded, so a peer cannot make us buffer without limit.
 MAX_REPLY_LINE = 8192
@@ -55,12 +53,12 @@ class ReplyError(ValueError):
     """The server sent something that is not an SMTP reply."""
 
 
-class ProtocolError(RuntimeError):
+class ProtocolError(Exception):
     """The I/O layer used the engine wrongly (a bug, never caused by a peer)."""
 
 
 @dataclass(frozen=True, slots=True)
-class ServerReply(ReplyClass):
+class ServerReply:
     """One complete (possibly multi-line) reply and the command it answers."""
 
     command: str  # "GREETING", "EHLO", "HELO", "MAIL", "RCPT", "DATA", "DOT", "BDAT", ...
@@ -68,6 +66,19 @@ class ServerReply(ReplyClass):
     enhanced: str  # "" when the server sent no enhanced status code (RFC 2034)
     lines: tuple[str, ...]  # the text of each line, enhanced code removed
     argument: str = ""  # e.g. the recipient for RCPT
+
+    # RFC 5321 §4.2.1 reply-code classes, as on replies.Reply.
+    @property
+    def is_positive(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def is_transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code >= 500
 
     @property
     def text(self) -> str:

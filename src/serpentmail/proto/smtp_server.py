@@ -155,7 +155,7 @@ Event = (
 )
 
 
-class ProtocolError(RuntimeError):
+class ProtocolError(Exception):
     """The I/O layer used the engine wrongly (a bug, never caused by a peer)."""
 
 

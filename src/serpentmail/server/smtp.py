@@ -72,7 +72,7 @@ class SMTPSession(EngineSession):
     """One SMTP connection."""
 
     log = log
-    need_data = NEED_DATA
+    need_data: object = NEED_DATA
 
     def __init__(self, ctx: ServerContext, kind: Kind) -> None:
         super().__init__(ctx)
