@@ -41,7 +41,7 @@ if ls "$build"/*__mypyc*.so >/dev/null 2>&1; then
         "$PY" -m pytest -q -p no:cacheprovider tests/unit
     fi
     echo "== pytest: compiled modules"
-    PYTHONPATH="$build" "$PY" -m pytest -q "$@"
+    SERPENTMAIL_EXPECT_COMPILED=1 PYTHONPATH="$build" "$PY" -m pytest -q "$@"
 else
     echo "== pytest: pure-Python modules (the build compiled nothing)"
     "$PY" -m pytest -q "$@"

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import compiled_modules
 from ..accounts.db import AccountDB
 from ..config import Config, Endpoint
 from ..log import log_event
@@ -248,7 +249,8 @@ class Server:
             gc.set_threshold(20_000, 10, 10)
         extra = {"worker": f"{self.worker_index + 1}/{self.worker_count}"} if self.worker_count > 1 else {}
         log_event(log, "started", hostname=cfg.hostname, data_dir=str(cfg.data_dir),
-                  listeners=" ".join(f"{k}={e}" for k, e in self.bound), **extra)
+                  listeners=" ".join(f"{k}={e}" for k, e in self.bound),
+                  compiled="yes" if compiled_modules() else "no", **extra)
 
     async def stop(self, grace: float = 30.0) -> None:
         if self.ctx is not None and self.ctx.steering is not None:
