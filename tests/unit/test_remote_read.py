@@ -8,11 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from serpentmail.delivery.remote import CHUNK, _open_and_read, _read_chunks
+from serpentmail.delivery.remote import CHUNK, _Chunks, _open_and_read
 
 
 async def _collect(path: Path, hint: int) -> list[bytes]:
-    return [c async for c in _read_chunks(path, hint)]
+    chunks = _Chunks(path, hint)
+    out = []
+    while (chunk := await chunks.next()) is not None:
+        out.append(chunk)
+    assert chunks.f is None  # closed at the end
+    return out
 
 
 @pytest.mark.parametrize(("size", "hint"), [

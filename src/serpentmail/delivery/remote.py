@@ -55,7 +55,7 @@ import logging
 import os
 import random
 import ssl
-from collections.abc import AsyncGenerator, Hashable, Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -76,7 +76,7 @@ from .dns import DNSResolver, MXResult, Resolver
 log = logging.getLogger("serpentmail.delivery.remote")
 
 CHUNK = 1024 * 1024  # octets read from the message file (and sent per BDAT chunk) at a time
-INLINE_READ = 128 * 1024  # messages up to this size are read on the event loop (see _read_chunks)
+INLINE_READ = 128 * 1024  # messages up to this size are read on the event loop (see _Chunks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +211,7 @@ def _open_and_read(path: Path, size_hint: int = CHUNK) -> tuple[Any, bytes]:
                 break
             parts.append(piece)
             got += len(piece)
-        f = open(fd, "rb", closefd=True) if got == want else None  # closed by _read_chunks
+        f = open(fd, "rb", closefd=True) if got == want else None  # closed by _Chunks
     except BaseException:
         os.close(fd)
         raise
@@ -220,25 +220,40 @@ def _open_and_read(path: Path, size_hint: int = CHUNK) -> tuple[Any, bytes]:
     return f, b"".join(parts)
 
 
-async def _read_chunks(path: Path, size_hint: int = CHUNK) -> AsyncGenerator[bytes, None]:
-    """Async generator of the file's chunks. Reads run in a thread, off the event loop, except
-    for a message of at most ``INLINE_READ`` octets (``size_hint``, the queued size): that is
-    one open/read/close of a file just written, so in the page cache; a thread hop would cost
-    the event loop more than the read itself (the same rule as POP3's RETR)."""
-    if size_hint <= INLINE_READ:
-        f, chunk = _open_and_read(path, size_hint)
-    else:
-        f, chunk = await asyncio.to_thread(_open_and_read, path, size_hint)
-    if f is None:
-        if chunk:
-            yield chunk
-        return
-    try:
-        while chunk:
-            yield chunk
-            chunk = await asyncio.to_thread(f.read, CHUNK)
-    finally:
-        f.close()
+class _Chunks:
+    """The file's chunks, in order (``await next()``, None at the end; ``close()`` when done).
+    Reads run in a thread, off the event loop, except for a message of at most ``INLINE_READ``
+    octets (``size_hint``, the queued size): that is one open/read/close of a file just
+    written, so in the page cache; a thread hop would cost the event loop more than the read
+    itself (the same rule as POP3's RETR). A class, not an async generator: mypyc compiles
+    this module's callers (setup.py), and it does not compile async generators."""
+
+    def __init__(self, path: Path, size_hint: int = CHUNK) -> None:
+        self.path = path
+        self.size_hint = size_hint
+        self.f: Any = None
+        self.started = False
+
+    async def next(self) -> bytes | None:
+        if not self.started:
+            self.started = True
+            if self.size_hint <= INLINE_READ:
+                self.f, chunk = _open_and_read(self.path, self.size_hint)
+            else:
+                self.f, chunk = await asyncio.to_thread(_open_and_read, self.path, self.size_hint)
+            return chunk or None
+        if self.f is None:
+            return None
+        chunk = await asyncio.to_thread(self.f.read, CHUNK)
+        if not chunk:
+            self.close()
+            return None
+        return bytes(chunk)
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+            self.f = None
 
 
 class ConnectionCache:
@@ -729,24 +744,34 @@ class RemoteCourier:
     async def _send_data(self, s: _Session, path: Path, size_hint: int = CHUNK) -> ServerReply | None:
         t = self.timeouts
         stuffer = DotStuffer()
-        async for chunk in _read_chunks(path, size_hint):
-            s.engine.send_content(stuffer.feed(chunk))
-            if len(chunk) >= CHUNK:  # more may follow: bound what is buffered
-                s.flush()
-                await asyncio.wait_for(s.writer.drain(), t.data_block)
+        chunks = _Chunks(path, size_hint)
+        try:
+            while (chunk := await chunks.next()) is not None:
+                s.engine.send_content(stuffer.feed(chunk))
+                if len(chunk) >= CHUNK:  # more may follow: bound what is buffered
+                    s.flush()
+                    await asyncio.wait_for(s.writer.drain(), t.data_block)
+        finally:
+            chunks.close()
         # The last chunk and the terminator leave in one write.
         s.engine.end_data(stuffer.end())
         return await self._final(s, t.data_end)
 
     async def _send_bdat(self, s: _Session, path: Path, size_hint: int = CHUNK) -> ServerReply | None:
+        chunks = _Chunks(path, size_hint)
+        try:
+            return await self._bdat_chunks(s, chunks)
+        finally:
+            chunks.close()
+
+    async def _bdat_chunks(self, s: _Session, chunks: _Chunks) -> ServerReply | None:
         t = self.timeouts
-        chunks = _read_chunks(path, size_hint)
-        current: bytes | None = await anext(chunks, None)
+        current = await chunks.next()
         if current is None:
             s.engine.bdat(b"", last=True)
             return await self._final(s, t.data_end)
         while current is not None:
-            nxt: bytes | None = await anext(chunks, None)
+            nxt = await chunks.next()
             if nxt is None:
                 if not current.endswith(b"\r\n"):
                     current += b"\r\n"  # RFC 5322 §2.3: the message ends with a complete line
@@ -755,7 +780,6 @@ class RemoteCourier:
             s.engine.bdat(current)
             r = await s.one(t.data_block)
             if not r.is_positive:
-                await chunks.aclose()
                 return r
             current = nxt
         return None  # pragma: no cover - the loop always returns

@@ -90,30 +90,29 @@ class SpoolFile:
 
     __slots__ = ("closed", "fd", "name", "path", "size", "stale")
 
-    def __init__(self, tmp_dir: Path) -> None:
-        self.name = unique_name()  # the message's id and Maildir unique name
-        self.path = tmp_dir / self.name
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    def __init__(self, tmp_dir: Path, *, reuse: str | None = None) -> None:
+        if reuse is None:
+            self.name = unique_name()  # the message's id and Maildir unique name
+            self.path = tmp_dir / self.name
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            self.stale = 0  # octets of an earlier use still in the file past what was written
+        else:
+            self.name = reuse
+            self.path = tmp_dir / reuse
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                self.stale = os.fstat(self.fd).st_size
+            except BaseException:
+                os.close(self.fd)
+                raise
         self.size = 0
-        self.stale = 0  # octets of an earlier use still in the file past what was written
         self.closed = False
 
     @classmethod
     def reuse(cls, path: Path) -> SpoolFile:
         """A blanked file (from :class:`Recycler`) opened as a new spool. It is not truncated,
         so its blocks stay allocated and are written over; :meth:`trim` cuts what is left."""
-        spool = cls.__new__(cls)
-        spool.name = path.name
-        spool.path = path
-        spool.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            spool.stale = os.fstat(spool.fd).st_size
-        except BaseException:
-            os.close(spool.fd)
-            raise
-        spool.size = 0
-        spool.closed = False
-        return spool
+        return cls(path.parent, reuse=path.name)
 
     def trim(self) -> None:
         """Cut a reused file to what was written: call before it is flushed or put in place."""
