@@ -5,8 +5,24 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 # The modules setup.py compiles with mypyc (its COMPILED; a test checks they agree).
-COMPILED_MODULES = ("log", "proto.address", "proto.pop3", "proto.replies", "proto.smtp_client", "proto.smtp_server",
-                    "queue.scheduler", "server.pop3", "server.session", "server.smtp")
+COMPILED_MODULES = (
+    "accounts.db",
+    "delivery.base",
+    "delivery.remote",
+    "log",
+    "proto.address",
+    "proto.pop3",
+    "proto.replies",
+    "proto.smtp_client",
+    "proto.smtp_server",
+    "queue.scheduler",
+    "queue.service",
+    "server.peers",
+    "server.pop3",
+    "server.session",
+    "server.smtp",
+    "storage.mailbox",
+)
 
 
 def compiled_modules() -> list[str]:
