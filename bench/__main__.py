@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python -m bench" + (" --quick" if args.quick else "") + (f" --reps {args.reps}" if args.reps != 3 else "") \
         + (f" --only {' '.join(args.only)}" if args.only else "") \
-        + (f" --workers {args.workers}" if args.workers != "auto" else "") + (" --pure" if args.pure else "")
+        + (f" --workers {args.workers}" if args.workers != "auto" else "") + (" --pure" if args.pure else "") + (" --settle" if args.settle else "")
     png = args.out / f"{stamp}.png"
     has_chart = report.chart(rows, png)
     text = report.markdown(rows, title=f"serpentmail benchmark {stamp}" + (" (quick)" if args.quick else ""),
