@@ -62,6 +62,7 @@ def _pure() -> bool:
 # PEP 660: setuptools' build_editable runs this file with the editable_wheel command. (The
 # build_ext flag editable_mode alone comes too late: the command may be finalized before.)
 _EDITABLE = "editable_wheel" in sys.argv
+_BUILDING = {"bdist_wheel", "build", "build_ext", "install", "bdist_egg"}
 
 
 class _Distribution(Distribution):
@@ -72,7 +73,10 @@ class _Distribution(Distribution):
 class _MypycBuildExt(build_ext):
     def finalize_options(self) -> None:
         editable = _EDITABLE or getattr(self, "editable_mode", False)
-        if not self.distribution.ext_modules and not _pure() and not editable:
+        # egg_info and dist_info (pip's metadata steps) finalize this command too, only to list
+        # sources: run mypyc for a command that builds, not for those.
+        building = bool(set(self.distribution.commands) & _BUILDING)
+        if not self.distribution.ext_modules and building and not _pure() and not editable:
             self.distribution.ext_modules = _mypycify()
         super().finalize_options()
 
