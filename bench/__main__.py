@@ -44,7 +44,8 @@ QUICK = ["inbound", "latency", "memory", "pop3", "submission"]
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="reduced set, under about two minutes")
+    ap.add_argument("--quick", action="store_true",
+                    help="reduced set, under about two minutes (runs the sources, as --pure: no build)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions per scenario (at least 3 for the report)")
     ap.add_argument("--only", nargs="*", choices=ORDER, help="run only these scenarios")
     ap.add_argument("--no-install", action="store_true", help="do not apt-get install missing peers")
@@ -88,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"[yellow]peers unavailable: {exc}[/]")
     root = Path(tempfile.mkdtemp(prefix="serpentmail-bench-", dir="/var/tmp"))
     os.chmod(root, 0o755)
-    code_note = "the sources as they are (--pure): pure-Python modules"
-    if not args.pure:
+    code_note = ("the sources as they are (--quick skips the build): pure-Python modules" if args.quick
+                 else "the sources as they are (--pure): pure-Python modules")
+    if not args.pure and not args.quick:
         with console.status("building serpentmail as `pip install .` does (mypyc: a minute or two)"):
             try:
                 compiled = build_package(Path(__file__).resolve().parent.parent, root / "build")

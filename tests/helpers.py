@@ -22,9 +22,21 @@ from serpentmail.server.run import Server
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    return free_ports(host, 1)[0]
+
+
+def free_ports(host: str, count: int) -> list[int]:
+    """``count`` distinct free ports of ``host``. The sockets are all held until every port is
+    chosen: closed one by one, the kernel may hand the same port out twice, and two listeners of
+    one server would then collide (seen once in CI as "address already in use")."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def make_config(data_dir: Path, host: str = "127.0.0.1", *, listeners: tuple[str, ...] = ("smtp", "submission", "submissions", "pop3", "pop3s"),
@@ -32,8 +44,9 @@ def make_config(data_dir: Path, host: str = "127.0.0.1", *, listeners: tuple[str
     """A config with every listener on a free port of ``host`` (a 127.x address)."""
     base = embedded_default(data_dir)
     eps = {}
-    for name in ("smtp", "submission", "submissions", "pop3", "pop3s"):
-        eps[name] = Listener((Endpoint(host, free_port(host)),) if name in listeners else ())
+    ports = free_ports(host, 5)
+    for name, port in zip(("smtp", "submission", "submissions", "pop3", "pop3s"), ports, strict=True):
+        eps[name] = Listener((Endpoint(host, port),) if name in listeners else ())
     lim = replace(LimitsConfig(auth_failure_delay=0.05), **(limits or {}))
     return replace(base, hostname=hostname, default_domains=(), limits=lim, **eps, **overrides)
 

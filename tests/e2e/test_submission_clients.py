@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port
+from tests.helpers import free_ports
 
 HOST = "127.0.8.9"
 SM = [sys.executable, "-m", "serpentmail"]
@@ -28,7 +28,7 @@ SM = [sys.executable, "-m", "serpentmail"]
 class Served:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.ports = {k: free_port(HOST) for k in ("smtp", "submission", "submissions")}
+        self.ports = dict(zip(("smtp", "submission", "submissions"), free_ports(HOST, 3), strict=True))
         self.config = root / "mail.toml"
         self.config.write_text(
             f'hostname = "mx.yahoo.test"\ndata_dir = "{root / "data"}"\n'

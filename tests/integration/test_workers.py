@@ -23,7 +23,14 @@ from pathlib import Path
 import pytest
 
 from serpentmail.accounts.db import AccountDB
-from tests.helpers import add_user, free_port, maildir_files, make_config, running_server
+from tests.helpers import (
+    add_user,
+    free_port,
+    free_ports,
+    maildir_files,
+    make_config,
+    running_server,
+)
 
 HOST = "127.0.15.1"
 REMOTE = "127.0.15.2"
@@ -31,7 +38,8 @@ REMOTE = "127.0.15.2"
 
 def _conf(tmp_path: Path, *, workers: int, relay: tuple[str, int] | None = None,
           smtp_port: int | None = None, limits: str = "", delivery: str = "") -> tuple[Path, dict[str, int]]:
-    ports = {"smtp": smtp_port or free_port(HOST), "submission": free_port(HOST), "pop3": free_port(HOST)}
+    smtp, submission, pop3 = free_ports(HOST, 3)
+    ports = {"smtp": smtp_port or smtp, "submission": submission, "pop3": pop3}
     text = f"""hostname = "mx.w.test"
 data_dir = "{tmp_path / 'data'}"
 workers = {workers}
