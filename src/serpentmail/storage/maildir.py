@@ -439,11 +439,11 @@ def _settle_all(items: list[tuple[Callable[[BaseException | None], None], BaseEx
         callback(err)
 
 
-def _settle_future(fut: Any, err: BaseException | None) -> None:
+def _settle_future(fut: Any, err: BaseException | None, result: Any = None) -> None:
     if fut.done():
         return
     if err is None:
-        fut.set_result(None)
+        fut.set_result(result)
     else:
         fut.set_exception(err)
 
@@ -538,15 +538,7 @@ async def call_async(committer: Committer, fn: Callable[[], Any]) -> Any:
 
     fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
-    def settle(result: Any, err: BaseException | None) -> None:  # on the event loop
-        if fut.done():
-            return
-        if err is None:
-            fut.set_result(result)
-        else:
-            fut.set_exception(err)
-
-    call_then(committer, fn, settle)
+    call_then(committer, fn, lambda result, err: _settle_future(fut, err, result))  # on the event loop
     return await fut
 
 
