@@ -517,3 +517,17 @@ def test_an_unusable_data_dir_is_one_clear_error(tmp_path: Path, workers: int) -
     assert res.returncode != 0
     assert f"cannot start: cannot use data directory {tmp_path / 'afile' / 'data'}: Not a directory" in res.stderr
     assert "Traceback" not in res.stderr + res.stdout
+
+
+def test_each_started_line_says_whether_the_modules_run_compiled(tmp_path: Path) -> None:
+    # The server imports what this test imports (scripts/test.sh runs the suite once against
+    # the compiled build, PYTHONPATH reaching the server too): each worker says so in its log.
+    from serpentmail import compiled_modules
+
+    conf, ports = _conf(tmp_path, workers=2)
+    expect = "compiled=yes" if compiled_modules() else "compiled=no"
+    with serve(conf, ports, 2):
+        _wait(lambda: (tmp_path / "serve.log").read_text().count("serpentmail.server: started") >= 2)
+        started = [line for line in (tmp_path / "serve.log").read_text().splitlines()
+                   if "serpentmail.server: started" in line]
+    assert len(started) == 2 and all(expect in line for line in started), started
