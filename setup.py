@@ -92,7 +92,7 @@ class _MypycBuildExt(build_ext):
         try:
             super().run()
         except Exception as exc:  # no compiler, no headers: install the pure modules
-            self._fallback(f"the C build failed ({exc})")
+            _warn_pure(f"the C build failed ({exc})")
             for ext in self.extensions:
                 Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
             self.extensions = []
@@ -111,8 +111,11 @@ class _MypycBuildExt(build_ext):
         finally:
             compiler.compile = serial
 
-    def _fallback(self, why: str) -> None:
-        self.warn(f"serpentmail: {why}; installing the pure-Python modules (they work the same, slower)")
+
+
+def _warn_pure(why: str) -> None:
+    print(f"warning: serpentmail: {why}; installing the pure-Python modules (they work the same, slower)",
+          file=sys.stderr)
 
 
 def _parallel_compile(compiler: Any, sources: list[str], output_dir: str | None = None, macros: Any = None,
@@ -128,7 +131,7 @@ def _parallel_compile(compiler: Any, sources: list[str], output_dir: str | None 
         src, ext = build[obj]
         compiler._compile(obj, src, ext, cc_args, extra_postargs, pp_opts)
 
-    with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0)) or 1) as pool:
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         list(pool.map(one, [o for o in objects if o in build]))
     return list(objects)
 
@@ -137,15 +140,14 @@ def _mypycify() -> list[Any]:
     try:
         from mypyc.build import mypycify
     except ImportError:
-        print("warning: serpentmail: mypyc is not available; installing the pure-Python modules")
+        _warn_pure("mypyc is not available")
         return []
     try:
         # Its own mypy options, not pyproject's strict ones: mypyc needs the types, and the build
         # environment lacks the third-party packages (their names are then Any).
         return list(mypycify(["--config-file", os.devnull, "--ignore-missing-imports", *COMPILED], opt_level="3", multi_file=True))
     except (Exception, SystemExit) as exc:
-        print(f"warning: serpentmail: mypyc could not compile the modules ({exc!r}); "
-              "installing the pure-Python modules")
+        _warn_pure(f"mypyc could not compile the modules ({exc!r})")
         return []
 
 
