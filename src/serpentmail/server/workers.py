@@ -173,7 +173,8 @@ class Supervisor:
     def _spawn(self, index: int) -> None:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
-        for h in logging.getLogger().handlers:
+        # Lines waiting in a batching handler (serpentmail.log) must not be written twice.
+        for h in (*logging.getLogger().handlers, *logging.getLogger("serpentmail").handlers):
             h.flush()
         parent = os.getpid()
         # Signals are held across fork: the child first replaces the supervisor's handlers it
