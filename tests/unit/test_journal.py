@@ -321,3 +321,15 @@ def test_a_deletion_waits_for_the_checkpoint_of_its_record(tmp_path: Path) -> No
     assert wait_checkpointed(tmp_path, {"mail/1/new/n"}, j, 0.0) == set()
     assert pending_targets(tmp_path) == set()
     j.close()
+
+
+def test_record_names_are_the_targets_relative_to_the_data_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for root in (tmp_path, Path("data")):
+        j = Journal(root / "journal" / "w0.log", root)
+        try:
+            for target in (root / "queue" / "env" / "A1.json", root / "mail" / "7" / "new" / "1.M2P3.vm",
+                           root / "queue" / ".." / "mail" / "x", tmp_path.parent / "elsewhere"):
+                assert j._name(target) == os.path.relpath(target, root)
+        finally:
+            os.close(j.fd)

@@ -106,6 +106,7 @@ class Journal:
     def __init__(self, path: Path, root: Path, size: int = DEFAULT_SIZE) -> None:
         self.path = path
         self.root = root
+        self._prefix = os.path.join(os.fspath(root), "")  # "<root>/": see _name
         self.lock = threading.Lock()
         self._checkpointing = threading.Lock()  # one checkpoint at a time: the start only moves on
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,6 +150,12 @@ class Journal:
         self._write([([REMOVED + self._name(t) for t in targets], b"")], targets, sync=False)
 
     def _name(self, target: Path) -> str:
+        # The targets are made from the same data directory as ``root``: cutting its prefix off
+        # gives what os.path.relpath gives, at a tenth of its cost (it runs for every file of
+        # every record, four per relayed message); anything else takes relpath.
+        name = os.fspath(target)
+        if name.startswith(self._prefix) and ".." not in name:
+            return name[len(self._prefix):]
         return os.path.relpath(target, self.root)
 
     def _write(self, recs: list[tuple[list[str], bytes]], targets: list[Path], *, sync: bool) -> None:
