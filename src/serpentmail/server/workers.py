@@ -173,7 +173,8 @@ class Supervisor:
     def _spawn(self, index: int) -> None:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
-        # Lines waiting in a batching handler (serpentmail.log) must not be written twice.
+        # serpentmail's own handler too (setup_logging puts it on that logger, not the root):
+        # a line still buffered at the fork would be written by both processes.
         for h in (*logging.getLogger().handlers, *logging.getLogger("serpentmail").handlers):
             h.flush()
         parent = os.getpid()
