@@ -5,9 +5,10 @@ and no server, and print a table. They are not the benchmark itself, only the ev
 picking one primitive over another (``python3 -m bench`` and ``python3 -m bench.ab`` measure
 the server):
 
-* ``files``: emptying a kept 4 KiB file and writing the next message into it, three ways:
-  truncate then write (the Recycler before), ``FALLOC_FL_ZERO_RANGE`` then write over (now),
-  and plain overwrite. CPU (this process) and wall time per file, ``sync`` included.
+* ``files``: emptying a kept 4 KiB file and writing the next message into it, four ways:
+  truncate then write (the Recycler at first), ``FALLOC_FL_ZERO_RANGE`` then write over,
+  zeros written over it then write over, and plain overwrite (no blanking). CPU (this process)
+  and wall time per file, ``sync`` included.
 * ``scan``: what the SMTP DATA path does to a 100 KiB message: the bare CR/LF check, the
   terminator search, and the two ways to copy a chunk out of a bytearray.
 * ``flush``: ``pwrite`` + ``fdatasync`` of 4 KiB and 100 KiB records into a sparse, a
@@ -49,6 +50,12 @@ def _files(where: Path, n: int = 500, rounds: int = 3) -> Table:
                 os.truncate(p, 0)
             elif mode == "zero range":
                 fsutil.blank(p)
+            elif mode == "zero write":
+                fd = os.open(p, os.O_WRONLY)
+                try:
+                    os.pwrite(fd, bytes(os.fstat(fd).st_size), 0)
+                finally:
+                    os.close(fd)
         for p in paths:
             fd = os.open(p, os.O_RDWR)
             try:
@@ -59,7 +66,7 @@ def _files(where: Path, n: int = 500, rounds: int = 3) -> Table:
         os.sync()
         return (time.process_time() - c0) / n * 1e6, (time.perf_counter() - t0) / n * 1e6
 
-    got: dict[str, list[tuple[float, float]]] = {m: [] for m in ("truncate", "zero range", "overwrite")}
+    got: dict[str, list[tuple[float, float]]] = {m: [] for m in ("truncate", "zero range", "zero write", "overwrite")}
     for _ in range(rounds):
         for mode in got:
             got[mode].append(one(mode))
