@@ -2,6 +2,11 @@
 
 Callers log with ``log_event(logger, "event", key=value, ...)``; the formatter renders the
 fields as ``event key=value ...`` or as one JSON object per line. Peers never see this text.
+
+This module is compiled by mypyc (setup.py). A batching ``StreamHandler`` subclass and a
+``LogRecord`` subclass defined here once made the compiled test pass crash (segmentation
+faults in the garbage collector and in logging's after-fork hook; reproduced, then reverted):
+keep new subclasses of the logging module's classes out of it.
 """
 
 from __future__ import annotations
