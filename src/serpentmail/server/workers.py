@@ -173,8 +173,8 @@ class Supervisor:
     def _spawn(self, index: int) -> None:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
-        # serpentmail's own handler too (setup_logging puts it on that logger, not the root):
-        # a line still buffered at the fork would be written by both processes.
+        # setup_logging puts serpentmail's handler on its own logger, not the root: flush it
+        # too, so nothing its stream holds is written again by the child.
         for h in (*logging.getLogger().handlers, *logging.getLogger("serpentmail").handlers):
             h.flush()
         parent = os.getpid()

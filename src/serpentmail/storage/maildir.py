@@ -282,11 +282,20 @@ class Committer:
         except OSError:
             return
         for attempt in (0, 1):
-            results = _append_and_place(journal, jobs, entries)
-            if isinstance(results, list):
-                break
-            if results == _FAILED:
-                return
+            with journal.lock:
+                try:
+                    journal.append(entries)
+                except JournalFull:
+                    pass
+                except Exception as exc:  # never lose the batch: the recipe takes it
+                    log_event(log, "journal write failed, using fsync instead", logging.ERROR, error=str(exc))
+                    return
+                else:
+                    # Placed while the lock is held: a checkpoint covers only placed records.
+                    results = [(job, _place(job)) for job in jobs]
+                    for job in jobs:
+                        job.epoch = journal.epoch
+                    break
             if attempt == 0:
                 try:
                     journal.checkpoint()
@@ -295,7 +304,6 @@ class Committer:
                     return
         else:
             return
-        assert isinstance(results, list)
         for job, err in results:
             job.done = True
             job.on_done(err)
@@ -351,30 +359,6 @@ def _put_in_place(job: CommitJob) -> None:
             os.replace(spool.path, target)
         else:
             os.link(spool.path, target)
-
-
-_FULL = "full"  # _append_and_place's answers when it placed nothing
-_FAILED = "failed"
-
-
-def _append_and_place(journal: Journal, jobs: list[CommitJob],
-                      entries: list[Entry]) -> list[tuple[CommitJob, BaseException | None]] | str:
-    """Append the jobs' records and put their files in place, under the journal's lock (a
-    checkpoint covers only placed records): each job with its error, or None. :data:`_FULL`
-    when the records did not fit; :data:`_FAILED` when the write failed (logged; the caller
-    leaves the batch to the fsync recipe, so nothing is lost)."""
-    with journal.lock:
-        try:
-            journal.append(entries)
-        except JournalFull:
-            return _FULL
-        except Exception as exc:
-            log_event(log, "journal write failed, using fsync instead", logging.ERROR, error=str(exc))
-            return _FAILED
-        results = [(job, _place(job)) for job in jobs]
-        for job in jobs:
-            job.epoch = journal.epoch
-        return results
 
 
 def _place(job: CommitJob) -> BaseException | None:
