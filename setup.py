@@ -112,7 +112,6 @@ class _MypycBuildExt(build_ext):
             compiler.compile = serial
 
 
-
 def _warn_pure(why: str) -> None:
     print(f"warning: serpentmail: {why}; installing the pure-Python modules (they work the same, slower)",
           file=sys.stderr)
