@@ -42,6 +42,27 @@ def test_enqueue_is_durable_and_complete(tmp_path: Path, with_committer: bool) -
     assert os.listdir(store.spool_tmp) == []
 
 
+@pytest.mark.parametrize("journaled", [False, True])
+def test_enqueue_that_fails_for_one_file_leaves_neither(tmp_path: Path, journaled: bool) -> None:
+    """The envelope cannot be put in place (its directory is gone): the enqueue raises (the
+    session answers 451) once both files' commits have ended, and the data file that did land
+    is removed again: no half item stays behind."""
+    if journaled:
+        store, committer, _journal = _journaled_store(tmp_path)
+    else:
+        committer = Committer()
+        store = QueueStore(tmp_path, committer)
+    try:
+        sp = _spool(store, b"Subject: x\r\n\r\nbody\r\n")
+        os.rmdir(store.env)
+        with pytest.raises(OSError):
+            asyncio.run(store.enqueue(sp, "a@b.test", ["x@y.test"]))
+    finally:
+        committer.close()
+    assert os.listdir(store.data) == []
+    assert not sp.path.exists()
+
+
 def test_recover_discards_half_made_items(tmp_path: Path) -> None:
     store = QueueStore(tmp_path)
     good = store.enqueue_bytes(b"m1\r\n", "a@b.test", ["x@y.test"])

@@ -152,9 +152,12 @@ class _Session:
         """Send what is queued; read every outstanding reply, each within ``timeout``."""
         replies: list[ServerReply] = []
         self.flush()
-        # asyncio.timeout, not wait_for: no extra task per wait (several per message).
-        async with asyncio.timeout(timeout):
-            await self.writer.drain()
+        # asyncio.timeout, not wait_for: no extra task per wait (several per message). Nothing
+        # left in the transport's buffer (a command group is small): nothing to wait for, and
+        # a closed connection shows as the end of the replies below.
+        if self.writer.transport.get_write_buffer_size():
+            async with asyncio.timeout(timeout):
+                await self.writer.drain()
         while self.engine.expecting:
             ev = self.engine.next_event()
             if ev is NEED_DATA:

@@ -55,7 +55,14 @@ from typing import Any, Literal
 
 from ..storage.fsutil import fsync_dir, write_durably
 from ..storage.journal import JournalFull
-from ..storage.maildir import Committer, Recycler, SpoolFile, SpoolPool, call_async, commit_async
+from ..storage.maildir import (
+    Committer,
+    Recycler,
+    SpoolFile,
+    SpoolPool,
+    call_async,
+    commit_all_async,
+)
 
 RecipientState = Literal["pending", "delivered", "failed"]
 ENVELOPE_VERSION = 1
@@ -217,6 +224,7 @@ class QueueStore:
         self.tmp = self.root / "tmp"
         self.control = self.root / "control"
         self.spool_tmp = data_dir / "tmp"
+        self._data_str, self._env_str = os.fspath(self.data), os.fspath(self.env)
         self.committer = committer
         self.clock = clock
         # The server's: removed items' files are kept for reuse (storage/maildir.py explains why).
@@ -281,20 +289,19 @@ class QueueStore:
             env_spool.discard()
             raise
         jobs = [(spool, self.data_path(qid)), (env_spool, self.env_path(qid))]
-        if self.committer is None:
-            await asyncio.get_running_loop().run_in_executor(None, _commit_sync, jobs)
-            return record
         loop = asyncio.get_running_loop()
-        committer = self.committer
-        journal = self.journal is not None
-        results = await asyncio.gather(*(commit_async(committer, sp, [target], keep_spool=True, journal=journal)
-                                         for sp, target in jobs), return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
+        if self.committer is None:
+            await loop.run_in_executor(None, _commit_sync, jobs)
+            return record
+        try:
+            # Both files in one call: they land in the same batch, and one future waits for both.
+            epochs = await commit_all_async(self.committer, [(sp, [target]) for sp, target in jobs],
+                                            keep_spool=True, journal=self.journal is not None)
+        except Exception:
             await loop.run_in_executor(None, self.remove, qid)
-            raise errors[0]
-        data_epoch, env_epoch = results
-        if isinstance(data_epoch, int) and isinstance(env_epoch, int):
+            raise
+        data_epoch, env_epoch = epochs
+        if data_epoch is not None and env_epoch is not None:
             self._journaled[qid] = min(data_epoch, env_epoch)
         return record
 
@@ -338,7 +345,8 @@ class QueueStore:
         return EnvelopeRecord.from_json(raw)
 
     def exists(self, qid: str) -> bool:
-        return self.env_path(qid).exists() and self.data_path(qid).exists()
+        # Runs on the event loop once per delivery pass: plain strings, no Path objects made.
+        return os.path.exists(f"{self._env_str}/{qid}.json") and os.path.exists(f"{self._data_str}/{qid}")
 
     def owns(self, qid: str) -> bool:
         """Whether ``qid`` is in this process's partition (always, without one)."""

@@ -459,11 +459,14 @@ class SMTPSession(EngineSession):
     def _message_done(self, ev: MessageComplete, qid: str, status: str) -> None:
         txn = self.txn
         self._count_sent()
-        log_event(log, "message", id=qid, **{"from": f"<{txn.sender or ''}>"}, to=",".join(f"<{r}>" for r in txn.rcpts),
-                  size=ev.size, status=status, client=self.ip, user=self.user.address if self.user else "-")
         self.txn = _Transaction()
         assert self.engine is not None
+        # The 250 leaves first and the log line is written while the client reads it: at one
+        # session the server's work between the final dot and the 250 is the client's wait.
         self.engine.respond(R.QUEUED.with_text(f"OK: queued as {qid}"))
+        self.flush()
+        log_event(log, "message", id=qid, **{"from": f"<{txn.sender or ''}>"}, to=",".join(f"<{r}>" for r in txn.rcpts),
+                  size=ev.size, status=status, client=self.ip, user=self.user.address if self.user else "-")
 
     async def _add_submission_headers(self, ev: MessageComplete) -> None:
         """RFC 6409 §8.2, §8.3: add Message-ID and Date when the client did not (slow path:

@@ -515,6 +515,40 @@ async def commit_async(committer: Committer, spool: SpoolFile, links: list[Path]
     return job.epoch
 
 
+async def commit_all_async(committer: Committer, jobs: list[tuple[SpoolFile, list[Path]]], *,
+                           keep_spool: bool = False, journal: bool = False) -> list[int | None]:
+    """:func:`commit_async` for several files at once (a queue item's data file and its
+    envelope): one future for all of them instead of a task per file and a gather. Returns once
+    every job has ended: their journal epochs, in order, or raises the first job's error (the
+    others have ended too, so the caller may clean up every file)."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    waker = _LoopWaker.for_loop(loop)
+    left = len(jobs)
+    first_error: list[BaseException] = []
+
+    def settled(err: BaseException | None) -> None:  # on the event loop, once per job
+        nonlocal left
+        if err is not None and not first_error:
+            first_error.append(err)
+        left -= 1
+        if left == 0:
+            _settle_future(fut, first_error[0] if first_error else None)
+
+    def done(err: BaseException | None) -> None:  # runs in a committer thread
+        waker.add(settled, err)
+
+    made = [CommitJob(spool, links, done, keep_spool=keep_spool, journal=journal) for spool, links in jobs]
+    if not made:
+        return []
+    for job in made:
+        committer.submit(job)
+    await fut
+    return [job.epoch for job in made]
+
+
 async def call_async(committer: Committer, fn: Callable[[], Any]) -> Any:
     """Run ``fn`` in ``committer``'s thread (:meth:`Committer.call`) and return its result, or
     raise its error, once the batch it was part of has been answered on the event loop."""
