@@ -1,4 +1,4 @@
-"""``python3 -m bench.micro {files,scan,flush}``: the microbenchmarks quoted in bench/README.md.
+"""``python3 -m bench.micro {files,scan,flush,dns}``: the microbenchmarks quoted in bench/README.md.
 
 Small, single-threaded timings of the primitives a change was chosen on. They need no peer
 and no server, and print a table. They are not the benchmark itself, only the evidence for
@@ -13,6 +13,9 @@ the server):
   terminator search, and the two ways to copy a chunk out of a bytearray.
 * ``flush``: ``pwrite`` + ``fdatasync`` of 4 KiB and 100 KiB records into a sparse, a
   fallocated and a written file (the delivery journal's first lap against later ones).
+* ``dns``: the remote courier's MX lookup (MX, then A and AAAA of the exchanger) against the
+  sandbox DNS server in a process of its own on 127.0.5.53, with the answer cache off
+  (``cache_max_ttl = 0``) and on: CPU of this process and wall time per lookup.
 
 The files go under ``--dir`` (default /var/tmp), which should be on the disk the server uses.
 """
@@ -20,9 +23,12 @@ The files go under ``--dir`` (default /var/tmp), which should be on the disk the
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import timeit
@@ -141,15 +147,59 @@ def _flush(where: Path, count: int = 150) -> Table:
     return table
 
 
+_DNS_SERVER = """
+import asyncio, sys
+from serpentmail.sandbox.dns import DNSServer
+zones = {"winview.test": {"MX": ["10 mx1.winview.test"]}, "mx1.winview.test": {"A": ["127.0.5.2"]}}
+async def main():
+    server = DNSServer("127.0.5.53", 0, zones, ttl=300, negative_ttl=300)
+    await server.start()
+    print(server.port, flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+asyncio.run(main())
+"""
+
+
+def _dns(count: int = 300) -> Table:
+    from serpentmail.config import Endpoint
+    from serpentmail.delivery.dns import DNSResolver
+
+    table = Table(title=f"resolve_mx of one domain, {count} times (µs per lookup)")
+    for col in ("cache", "CPU", "wall", "answers from the cache"):
+        table.add_column(col, justify="right" if col != "cache" else "left")
+    server = subprocess.Popen([sys.executable, "-c", _DNS_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+
+        async def run(max_ttl: float) -> tuple[float, float, int]:
+            r = DNSResolver([Endpoint("127.0.5.53", port)], 3.0, cache_max_ttl=max_ttl)
+            await r.resolve_mx("winview.test")
+            c0, t0 = time.process_time(), time.perf_counter()
+            for _ in range(count):
+                res = await r.resolve_mx("winview.test")
+                assert res.kind == "mx"
+            return (time.process_time() - c0) / count, (time.perf_counter() - t0) / count, r.cache_hits
+
+        for label, max_ttl in (("off", 0.0), ("on (TTL 300 s)", 3600.0)):
+            cpu, wall, hits = asyncio.run(run(max_ttl))
+            table.add_row(label, f"{cpu * 1e6:.0f}", f"{wall * 1e6:.0f}", f"{hits:,}")
+    finally:
+        server.kill()
+        server.wait()
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["files", "scan", "flush"])
+    ap.add_argument("what", choices=["files", "scan", "flush", "dns"])
     ap.add_argument("--dir", type=Path, default=Path("/var/tmp"), help="where to make the test files")
     args = ap.parse_args(argv)
     console = Console()
-    if args.what == "scan":
-        console.print(_scan())
+    if args.what in ("scan", "dns"):
+        console.print(_scan() if args.what == "scan" else _dns())
         return 0
     where = Path(tempfile.mkdtemp(prefix="serpentmail-micro-", dir=args.dir))
     try:

@@ -47,6 +47,7 @@ class TLSConfig:
 class DNSConfig:
     nameservers: tuple[Endpoint, ...] = ()  # empty: the system resolver
     timeout: float = 5.0
+    cache_max_ttl: float = 3600.0  # answers are kept for their TTL, at most this long; 0: no cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +256,8 @@ def _path(value: object) -> Path:
 
 _SECTIONS: dict[str, dict[str, Any]] = {
     "tls": {"cert": _path, "key": _path},
-    "dns": {"nameservers": _list(lambda v: parse_endpoint(v, 53)), "timeout": parse_duration},
+    "dns": {"nameservers": _list(lambda v: parse_endpoint(v, 53)), "timeout": parse_duration,
+            "cache_max_ttl": parse_duration},
     "delivery": {
         "port": _port,
         "retry_schedule": _list(parse_duration),

@@ -70,6 +70,12 @@ def test_every_key_has_a_default(tmp_path: Path) -> None:
     assert cfg.journal is True
 
 
+def test_dns_cache_cap_is_a_duration_and_zero_turns_the_cache_off(tmp_path: Path) -> None:
+    assert load(write(tmp_path, "")).dns.cache_max_ttl == 3600.0
+    assert load(write(tmp_path, '[dns]\ncache_max_ttl = "10m"\n')).dns.cache_max_ttl == 600.0
+    assert load(write(tmp_path, "[dns]\ncache_max_ttl = 0\n")).dns.cache_max_ttl == 0.0
+
+
 def test_journal_can_be_turned_off(tmp_path: Path) -> None:
     assert load(write(tmp_path, "journal = false\n")).journal is False
 

@@ -131,3 +131,126 @@ def test_server_answers_over_tcp_with_cname(dns: DNSServer) -> None:
     resp = dmsg.from_wire(buf)
     types = [dtype.to_text(rr.rdtype) for rr in resp.answer]
     assert types == ["CNAME", "A"] and resp.answer[1][0].address == "127.0.5.3"
+
+
+# --- the answer cache (RFC 1035 §3.2.1, RFC 2308 §5) -------------------------------------------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+ZONES = {
+    "winview.test": {"MX": ["10 mx1.winview.test"]},
+    "mx1.winview.test": {"A": ["127.0.5.2"]},
+    "bare.test": {"TXT": ["v=spf1 -all"]},
+}
+
+
+def _cached_resolver(port: int, clock: _Clock, cache_max_ttl: float = 3600.0) -> DNSResolver:
+    return DNSResolver([Endpoint(HOST, port)], 1.0, random.Random(0), cache_max_ttl=cache_max_ttl, clock=clock)
+
+
+def test_answers_are_cached_for_their_ttl_and_asked_again_after() -> None:
+    async def main() -> None:
+        server = DNSServer(HOST, 0, ZONES, ttl=60, negative_ttl=60)  # the AAAA is a NODATA
+        await server.start()
+        try:
+            clock = _Clock()
+            r = _cached_resolver(server.port, clock)
+            first = await r.resolve_mx("winview.test")
+            asked = len(server.queries)
+            assert asked == 3  # MX, then A and AAAA of the exchanger
+            for _ in range(5):
+                assert await r.resolve_mx("winview.test") == first
+            assert len(server.queries) == asked and r.cache_hits == 15
+            # A change on the server is seen once the TTL has run out, not before.
+            server.zones["mx1.winview.test"]["A"] = ["127.0.5.7"]
+            clock.now += 59
+            assert (await r.resolve_mx("winview.test")).exchangers[0].addresses == ("127.0.5.2",)
+            clock.now += 2
+            assert (await r.resolve_mx("winview.test")).exchangers[0].addresses == ("127.0.5.7",)
+            assert len(server.queries) == asked + 3
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
+
+
+def test_ttl_zero_and_a_zero_cap_are_never_cached() -> None:
+    async def main() -> None:
+        server = DNSServer(HOST, 0, ZONES)  # the sandbox's TTL 0: its table may change any time
+        capped = DNSServer(HOST, 0, ZONES, ttl=60)
+        await server.start()
+        await capped.start()
+        try:
+            clock = _Clock()
+            for srv, r in ((server, _cached_resolver(server.port, clock)),
+                           (capped, _cached_resolver(capped.port, clock, cache_max_ttl=0))):
+                await r.resolve_mx("winview.test")
+                srv.zones["mx1.winview.test"]["A"] = ["127.0.5.8"]
+                assert (await r.resolve_mx("winview.test")).exchangers[0].addresses == ("127.0.5.8",)
+                assert len(srv.queries) == 6 and r.cache_hits == 0
+                srv.zones["mx1.winview.test"]["A"] = ["127.0.5.2"]
+        finally:
+            await server.stop()
+            await capped.stop()
+
+    asyncio.run(main())
+
+
+def test_negative_answers_are_cached_for_the_soa_minimum_only_when_a_soa_came() -> None:
+    async def main() -> None:
+        with_soa = DNSServer(HOST, 0, ZONES, ttl=60, negative_ttl=30)
+        without = DNSServer(HOST, 0, ZONES, ttl=60)
+        await with_soa.start()
+        await without.start()
+        try:
+            clock = _Clock()
+            r = _cached_resolver(with_soa.port, clock)
+            assert (await r.resolve_mx("nowhere.test")).kind == "nxdomain"
+            # bare.test exists without MX or address: NODATA for MX, A and AAAA
+            assert (await r.resolve_mx("bare.test")).kind == "nodata"
+            asked = len(with_soa.queries)
+            assert (await r.resolve_mx("nowhere.test")).kind == "nxdomain"
+            assert (await r.resolve_mx("bare.test")).kind == "nodata"
+            assert len(with_soa.queries) == asked
+            # The domain appears: seen once the negative TTL (the SOA's 30 s) has passed.
+            with_soa.add_mx("nowhere.test", 10, "mx1.winview.test")
+            clock.now += 31
+            assert (await r.resolve_mx("nowhere.test")).kind == "mx"
+
+            plain = _cached_resolver(without.port, clock)
+            assert (await plain.resolve_mx("nowhere.test")).kind == "nxdomain"
+            without.add_mx("nowhere.test", 10, "mx1.winview.test")
+            assert (await plain.resolve_mx("nowhere.test")).kind == "mx"  # no SOA: not cached
+        finally:
+            await with_soa.stop()
+            await without.stop()
+
+    asyncio.run(main())
+
+
+def test_temporary_failures_are_not_cached_and_concurrent_questions_share_one_query() -> None:
+    async def main() -> None:
+        server = DNSServer(HOST, 0, ZONES, ttl=60)
+        await server.start()
+        try:
+            clock = _Clock()
+            r = _cached_resolver(server.port, clock)
+            server.set_mode("winview.test", "servfail")
+            assert (await r.resolve_mx("winview.test")).kind == "tempfail"
+            server.set_mode("winview.test", None)
+            server.queries.clear()
+            results = await asyncio.gather(*(r.resolve_mx("winview.test") for _ in range(20)))
+            assert {res.kind for res in results} == {"mx"}
+            assert sorted(server.queries) == [("mx1.winview.test", "A"), ("mx1.winview.test", "AAAA"),
+                                              ("winview.test", "MX")]
+        finally:
+            await server.stop()
+
+    asyncio.run(main())

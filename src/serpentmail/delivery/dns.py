@@ -21,18 +21,28 @@ Invariants: nothing here raises for a DNS outcome; every outcome is a value. A f
 temporary unless DNS said authoritatively that the name does not exist or has no data
 (errors are temporary by default, never permanent by accident). Domain literals
 (``[192.0.2.1]``, RFC 5321 §4.1.3) resolve to themselves.
+
+Answers are cached for their time to live (RFC 1035 §3.2.1, capped by ``[dns] cache_max_ttl``):
+a question costs dnspython about a millisecond of CPU, and one message to a remote domain asks
+three (MX, then A and AAAA of each exchanger). A name that does not exist, or has no records of
+the type asked, is cached as RFC 2308 §5 says: for the SOA's TTL or its MINIMUM field, whichever
+is smaller, and not at all when the answer carries no SOA. A TTL of 0 is never cached (RFC 1035
+§3.2.1), and neither is a temporary failure. Several deliveries asking the same question at
+once share one query.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import random
 import socket
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from ..config import Config, Endpoint
 from ..log import log_event
@@ -111,15 +121,40 @@ def _nameserver_address(ep: Endpoint) -> str:
         return socket.gethostbyname(ep.host)
 
 
+CACHE_ENTRIES = 10_000  # answers kept at most (see DNSResolver._answered)
+
+
+async def _ready(answer: tuple[str, list[object]]) -> tuple[str, list[object]]:
+    return answer
+
+
+def _negative_ttl(response: Any) -> float:
+    """How long a "no such name" or "no such data" answer may be kept (RFC 2308 §5): the
+    smaller of the authority section's SOA TTL and its MINIMUM field; 0 without a SOA."""
+    import dns.rdatatype
+
+    for rrset in getattr(response, "authority", None) or []:
+        if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
+            return float(min(rrset.ttl, next(iter(rrset)).minimum))
+    return 0.0
+
+
 class DNSResolver:
     """The dnspython implementation of :class:`Resolver`."""
 
     def __init__(self, nameservers: Sequence[Endpoint] = (), timeout: float = 5.0,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, *, cache_max_ttl: float = 3600.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         import dns.asyncresolver
         import dns.nameserver
 
         self.rng = rng or random.Random()
+        # (name, type) -> (expiry on ``clock``, status, records): see the module docstring.
+        self.cache_max_ttl = cache_max_ttl
+        self._cache: dict[tuple[str, str], tuple[float, str, list[object]]] = {}
+        self._asking: dict[tuple[str, str], asyncio.Task[tuple[str, list[object], float]]] = {}
+        self._clock = clock
+        self.cache_hits = 0  # observability (tests, `serpentmail mx`)
         if nameservers:
             self._resolver = dns.asyncresolver.Resolver(configure=False)
             self._resolver.nameservers = [
@@ -134,37 +169,91 @@ class DNSResolver:
 
     @classmethod
     def from_config(cls, cfg: Config, rng: random.Random | None = None) -> DNSResolver:
-        return cls(cfg.dns.nameservers, cfg.dns.timeout, rng)
+        return cls(cfg.dns.nameservers, cfg.dns.timeout, rng, cache_max_ttl=cfg.dns.cache_max_ttl)
+
+    def _cached(self, name: str, rdtype: str) -> tuple[str, list[object]] | None:
+        """The live cached answer to (name, type), or None."""
+        key = (name, rdtype)
+        hit = self._cache.get(key)
+        if hit is None:
+            return None
+        if hit[0] <= self._clock():
+            del self._cache[key]
+            return None
+        self.cache_hits += 1
+        return hit[1], hit[2]
 
     async def _query(self, name: str, rdtype: str) -> tuple[str, list[object]]:
-        """("ok"|"nodata"|"nxdomain"|"tempfail:<why>", records)."""
+        """("ok"|"nodata"|"nxdomain"|"tempfail:<why>", records), from the cache when it holds
+        a live answer; a question already on its way is waited for, not asked again."""
+        hit = self._cached(name, rdtype)
+        if hit is not None:
+            return hit
+        key = (name, rdtype)
+        task = self._asking.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._ask(name, rdtype))
+            self._asking[key] = task
+            task.add_done_callback(functools.partial(self._answered, key))
+        # shield: one caller giving up (its delivery cancelled) does not cancel the others' query.
+        status, records, _ttl = await asyncio.shield(task)
+        return status, records
+
+    def _answered(self, key: tuple[str, str], task: asyncio.Task[tuple[str, list[object], float]]) -> None:
+        self._asking.pop(key, None)
+        if task.cancelled() or task.exception() is not None:
+            return
+        status, records, ttl = task.result()
+        ttl = min(ttl, self.cache_max_ttl)
+        if ttl <= 0:
+            return
+        if len(self._cache) >= CACHE_ENTRIES:
+            now = self._clock()
+            for k in [k for k, v in self._cache.items() if v[0] <= now]:
+                del self._cache[k]
+            if len(self._cache) >= CACHE_ENTRIES:  # all live: the oldest half goes
+                for k in list(self._cache)[:CACHE_ENTRIES // 2]:
+                    del self._cache[k]
+        self._cache[key] = (self._clock() + ttl, status, records)
+
+    async def _ask(self, name: str, rdtype: str) -> tuple[str, list[object], float]:
+        """One question to the nameservers: (status, records, seconds the answer may be kept)."""
         import dns.exception
         import dns.resolver
 
         try:
             answer = await self._resolver.resolve(name + ".", rdtype, raise_on_no_answer=False, search=False)
-        except dns.resolver.NXDOMAIN:
-            return "nxdomain", []
+        except dns.resolver.NXDOMAIN as exc:
+            responses = exc.kwargs.get("responses") or {}
+            return "nxdomain", [], min((_negative_ttl(r) for r in responses.values()), default=0.0)
         except dns.resolver.NoNameservers:
-            return "tempfail:server failure (SERVFAIL)", []
+            return "tempfail:server failure (SERVFAIL)", [], 0.0
         except dns.exception.Timeout:
-            return "tempfail:timeout", []
+            return "tempfail:timeout", [], 0.0
         except dns.exception.DNSException as exc:
-            return f"tempfail:{type(exc).__name__}", []
+            return f"tempfail:{type(exc).__name__}", [], 0.0
         except OSError as exc:
-            return f"tempfail:{exc.strerror or exc}", []
+            return f"tempfail:{exc.strerror or exc}", [], 0.0
         if answer.rrset is None:
-            return "nodata", []
-        return "ok", list(answer.rrset)
+            return "nodata", [], _negative_ttl(answer.response)
+        # The rrset's TTL is the smallest of its records' (and of a CNAME chain's, dnspython).
+        return "ok", list(answer.rrset), float(answer.rrset.ttl)
 
     async def resolve_host(self, name: str) -> AddressResult:
         """A then AAAA addresses of ``name`` (IPv4 first: more often reachable)."""
         name = _norm(name)
-        try:
-            return AddressResult((str(ipaddress.ip_address(name)),))
-        except ValueError:
-            pass
-        (st4, r4), (st6, r6) = await asyncio.gather(self._query(name, "A"), self._query(name, "AAAA"))
+        if ":" in name or name.replace(".", "").isdigit():  # what could be an IP address literal
+            try:
+                return AddressResult((str(ipaddress.ip_address(name)),))
+            except ValueError:
+                pass
+        a, aaaa = self._cached(name, "A"), self._cached(name, "AAAA")
+        if a is not None and aaaa is not None:  # both known: no tasks for a gather
+            (st4, r4), (st6, r6) = a, aaaa
+        else:
+            (st4, r4), (st6, r6) = await asyncio.gather(
+                self._query(name, "A") if a is None else _ready(a),
+                self._query(name, "AAAA") if aaaa is None else _ready(aaaa))
         addresses = tuple(str(getattr(r, "address", r)) for r in [*r4, *r6])
         if addresses:
             return AddressResult(addresses)
@@ -207,7 +296,10 @@ class DNSResolver:
         real.sort()
         self.rng.shuffle(real)
         real.sort(key=lambda pm: pm[0])  # stable: equal preferences stay shuffled
-        found = await asyncio.gather(*(self.resolve_host(name) for _, name in real))
+        if len(real) == 1:  # the common case: no task for a gather of one
+            found = [await self.resolve_host(real[0][1])]
+        else:
+            found = list(await asyncio.gather(*(self.resolve_host(name) for _, name in real)))
         exchangers = tuple(
             Exchanger(pref, name, res.addresses, res.error, res.temporary)
             for (pref, name), res in zip(real, found, strict=True)

@@ -20,6 +20,11 @@ Semantics (enough of RFC 1034 §4.3.2 for mail routing):
 Record values are presentation format (``"10 mx1.example.test"``, ``"127.0.0.1"``,
 ``"v=spf1 -all"``); relative names get the root appended. Names are case-insensitive.
 The server binds UDP and TCP on the same port; port 0 picks a free one (see :attr:`port`).
+
+Answers carry a TTL of 0 by default (RFC 1035 §3.2.1: use once, never cache), because the
+table may change at any time and a resolver must see a change at once. ``ttl`` gives another;
+``negative_ttl`` adds a SOA (TTL and MINIMUM both that value) to every NXDOMAIN and NODATA
+answer, which makes them cacheable (RFC 2308 §5). Both are for tests of a resolver's cache.
 """
 
 from __future__ import annotations
@@ -36,7 +41,6 @@ log = logging.getLogger("serpentmail.sandbox.dns")
 
 Mode = Literal["servfail", "timeout"]
 Zones = dict[str, dict[str, list[str]]]
-TTL = 60
 
 
 def _key(name: str) -> str:
@@ -62,9 +66,12 @@ def _absolute(value: str, rtype: str) -> str:
 class DNSServer:
     """An authoritative server for the names in ``zones`` (see the module docstring)."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, zones: Zones | None = None) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, zones: Zones | None = None, *,
+                 ttl: int = 0, negative_ttl: int | None = None) -> None:
         self.host = host
         self.port = port
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
         self.zones: Zones = {}
         for name, rrs in (zones or {}).items():
             for rtype, values in rrs.items():
@@ -158,14 +165,19 @@ class DNSServer:
                 break
             if qtype != "CNAME" and "CNAME" in records and qtype not in records:
                 target = _absolute(records["CNAME"][0], "CNAME")
-                response.answer.append(dns.rrset.from_text(name + ".", TTL, "IN", "CNAME", target))
+                response.answer.append(dns.rrset.from_text(name + ".", self.ttl, "IN", "CNAME", target))
                 name = _key(target)
                 continue
             values = records.get(qtype, [])
             if values:
                 response.answer.append(dns.rrset.from_text_list(
-                    name + ".", TTL, "IN", qtype, [_absolute(v, qtype) for v in values]))
+                    name + ".", self.ttl, "IN", qtype, [_absolute(v, qtype) for v in values]))
             break
+        if not response.answer and self.negative_ttl is not None:
+            # RFC 2308 §3: the authority section of a negative answer holds the zone's SOA.
+            n = self.negative_ttl
+            response.authority.append(dns.rrset.from_text(
+                "test.", n, "IN", "SOA", f"ns.test. hostmaster.test. 1 3600 600 86400 {n}"))
         wire_out = response.to_wire()
         return bytes(wire_out)
 
