@@ -254,3 +254,26 @@ def test_temporary_failures_are_not_cached_and_concurrent_questions_share_one_qu
             await server.stop()
 
     asyncio.run(main())
+
+
+def test_close_cancels_the_questions_in_flight() -> None:
+    """A server stopping while a nameserver says nothing: the question's task is cancelled (no
+    task left pending when the loop closes), and the delivery waiting on it is told so."""
+    async def main() -> None:
+        server = DNSServer(HOST, 0, ZONES, ttl=60)
+        await server.start()
+        try:
+            server.set_mode("winview.test", "timeout")
+            r = _cached_resolver(server.port, _Clock())
+            lookup = asyncio.ensure_future(r.resolve_mx("winview.test"))
+            await asyncio.sleep(0.05)
+            assert len(r._asking) == 1
+            (task,) = r._asking.values()
+            r.close()
+            with pytest.raises(asyncio.CancelledError):
+                await lookup
+            assert task.cancelled() and not r._asking and not r._cache
+        finally:
+            await server.stop()
+
+    asyncio.run(main())

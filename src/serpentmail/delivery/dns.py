@@ -171,6 +171,12 @@ class DNSResolver:
     def from_config(cls, cfg: Config, rng: random.Random | None = None) -> DNSResolver:
         return cls(cfg.dns.nameservers, cfg.dns.timeout, rng, cache_max_ttl=cfg.dns.cache_max_ttl)
 
+    def close(self) -> None:
+        """Cancel the questions still on their way (server stop: no task outlives the loop)."""
+        for task in list(self._asking.values()):
+            task.cancel()
+        self._asking.clear()
+
     def _cached(self, name: str, rdtype: str) -> tuple[str, list[object]] | None:
         """The live cached answer to (name, type), or None."""
         key = (name, rdtype)

@@ -382,7 +382,11 @@ class RemoteCourier:
             quit_timeout=self.timeouts.quit, max_idle_per_key=max(1, config.delivery.max_per_domain))
 
     async def aclose(self) -> None:
-        """Close the idle connections (QUIT). Deliveries may still run afterwards."""
+        """Close the idle connections (QUIT) and drop the DNS questions in flight. Deliveries
+        may still run afterwards."""
+        close = getattr(self.resolver, "close", None)
+        if close is not None:
+            close()
         await self.cache.aclose()
 
     # --- the Courier API -------------------------------------------------------------
