@@ -72,6 +72,7 @@ SERPENT_IP = "127.0.7.1"
 POSTFIX_IP = "127.0.7.2"
 DOVECOT_IP = "127.0.7.3"
 SINK_IP = "127.0.7.9"
+DNS_IP = "127.0.7.53"
 
 MAIL_UID = 65534  # nobody: owner of the peers' mailboxes (Postfix/Dovecot refuse root)
 MAIL_GID = 65534
@@ -244,3 +245,40 @@ def build_package(checkout: Path, dest: Path) -> bool:
     if res.returncode != 0:
         raise Unavailable(f"building {checkout} failed: {res.stderr.strip()[-400:]}")
     return any(dest.glob("*__mypyc*.so"))
+
+
+_DNS_SERVER = """
+import asyncio, json, sys
+from serpentmail.sandbox.dns import DNSServer
+host, zones, ttl = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+async def main():
+    server = DNSServer(host, 0, zones, ttl=ttl, negative_ttl=ttl)
+    await server.start()
+    print(server.port, flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+asyncio.run(main())
+"""
+
+
+class DnsProcess:
+    """The sandbox DNS server (serpentmail.sandbox.dns) in a process of its own on ``host``,
+    so that its CPU is nobody's under test: answers carry ``ttl`` (negative ones too, with a
+    SOA). Stops when :meth:`stop` closes its stdin."""
+
+    def __init__(self, zones: dict[str, dict[str, list[str]]], host: str = DNS_IP, ttl: int = 300) -> None:
+        import json
+
+        self.host = host
+        self.proc = subprocess.Popen([sys.executable, "-c", _DNS_SERVER, host, json.dumps(zones), str(ttl)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.strip().isdigit():
+            self.stop()
+            raise Unavailable("the sandbox DNS server did not start")
+        self.port = int(line)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()

@@ -27,8 +27,6 @@ import asyncio
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import timeit
@@ -40,6 +38,8 @@ from rich.table import Table
 
 from serpentmail.proto.smtp_server import _find_line_dot
 from serpentmail.storage import fsutil
+
+from .common import DnsProcess
 
 
 def _files(where: Path, n: int = 500, rounds: int = 3) -> Table:
@@ -147,19 +147,6 @@ def _flush(where: Path, count: int = 150) -> Table:
     return table
 
 
-_DNS_SERVER = """
-import asyncio, sys
-from serpentmail.sandbox.dns import DNSServer
-zones = {"winview.test": {"MX": ["10 mx1.winview.test"]}, "mx1.winview.test": {"A": ["127.0.5.2"]}}
-async def main():
-    server = DNSServer("127.0.5.53", 0, zones, ttl=300, negative_ttl=300)
-    await server.start()
-    print(server.port, flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-asyncio.run(main())
-"""
-
-
 def _dns(count: int = 300) -> Table:
     from serpentmail.config import Endpoint
     from serpentmail.delivery.dns import DNSResolver
@@ -167,14 +154,11 @@ def _dns(count: int = 300) -> Table:
     table = Table(title=f"resolve_mx of one domain, {count} times (µs per lookup)")
     for col in ("cache", "CPU", "wall", "answers from the cache"):
         table.add_column(col, justify="right" if col != "cache" else "left")
-    server = subprocess.Popen([sys.executable, "-c", _DNS_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True)
+    server = DnsProcess({"winview.test": {"MX": ["10 mx1.winview.test"]}, "mx1.winview.test": {"A": ["127.0.5.2"]}},
+                        host="127.0.5.53")
     try:
-        assert server.stdout is not None
-        port = int(server.stdout.readline())
-
         async def run(max_ttl: float) -> tuple[float, float, int]:
-            r = DNSResolver([Endpoint("127.0.5.53", port)], 3.0, cache_max_ttl=max_ttl)
+            r = DNSResolver([Endpoint(server.host, server.port)], 3.0, cache_max_ttl=max_ttl)
             await r.resolve_mx("winview.test")
             c0, t0 = time.process_time(), time.perf_counter()
             for _ in range(count):
@@ -186,8 +170,7 @@ def _dns(count: int = 300) -> Table:
             cpu, wall, hits = asyncio.run(run(max_ttl))
             table.add_row(label, f"{cpu * 1e6:.0f}", f"{wall * 1e6:.0f}", f"{hits:,}")
     finally:
-        server.kill()
-        server.wait()
+        server.stop()
     return table
 
 

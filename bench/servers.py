@@ -116,7 +116,11 @@ class Serpent:
     code: Path | None = None
 
     def __init__(self, root: Path, *, pop3: bool = False, submission: bool = False,
-                 sink: tuple[str, int] | None = None) -> None:
+                 sink: tuple[str, int] | None = None, dns: tuple[str, int] | None = None,
+                 dns_cache: bool = True) -> None:
+        """``sink``: relay everything there. With ``dns`` (a nameserver), no relay: remote mail
+        goes by MX lookup through that nameserver to port ``sink[1]`` of the exchanger;
+        ``dns_cache`` False sets ``[dns] cache_max_ttl = 0``."""
         self.root = root / "serpent"
         self.data = self.root / "data"
         self.ip = SERPENT_IP
@@ -124,6 +128,8 @@ class Serpent:
         self.pop3_port = free_port(self.ip) if pop3 else 0
         self.submission_port = free_port(self.ip) if submission else 0
         self.sink = sink
+        self.dns = dns
+        self.dns_cache = dns_cache
         self.proc: subprocess.Popen[bytes] | None = None
         self.user_id = 0
 
@@ -138,7 +144,10 @@ class Serpent:
         pop3 = f'["{self.ip}:{self.pop3_port}"]' if self.pop3_port else "[]"
         sub = f'["{self.ip}:{self.submission_port}"]' if self.submission_port else "[]"
         relay = ""
-        if self.sink:
+        if self.sink and self.dns:
+            relay = (f'[delivery]\nport = {self.sink[1]}\n[dns]\nnameservers = ["{self.dns[0]}:{self.dns[1]}"]\n'
+                     f'cache_max_ttl = {"3600" if self.dns_cache else "0"}\n')
+        elif self.sink:
             relay = f'[delivery]\nrelay = "{self.sink[0]}:{self.sink[1]}"\nrelay_tls = "none"\n'
         workers = f'"{self.workers}"' if self.workers == "auto" else self.workers
         self.conf.write_text(textwrap.dedent(f"""\
