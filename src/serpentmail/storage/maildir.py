@@ -506,13 +506,8 @@ async def commit_async(committer: Committer, spool: SpoolFile, links: list[Path]
 
     The future is settled on the event loop once the committer's batch holding this job is
     durable (one wake-up per batch, see :class:`_LoopWaker`)."""
-    import asyncio
-
-    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    job = commit_then(committer, spool, links, functools.partial(_settle_future, fut), keep_spool=keep_spool,
-                      journal=journal)
-    await fut
-    return job.epoch
+    (epoch,) = await commit_all_async(committer, [(spool, links)], keep_spool=keep_spool, journal=journal)
+    return epoch
 
 
 async def commit_all_async(committer: Committer, jobs: list[tuple[SpoolFile, list[Path]]], *,
