@@ -505,6 +505,45 @@ def test_relayed_mail_is_not_sent_again_after_a_kill_right_after_delivery(tmp_pa
     assert "Traceback" not in (tmp_path / "serve.log").read_text()
 
 
+def test_relayed_mail_held_only_in_the_journal_survives_a_kill(tmp_path: Path) -> None:
+    """An accepted item lives in its spools until the journal's checkpoint gives it files
+    (queue/store.py). Killed while its first attempt hangs on a relay that never answers, the
+    server has acknowledged mail that exists only in its journal: the next start must write it
+    back from there and deliver every message once."""
+    from serpentmail.storage.journal import records
+
+    dest = make_config(tmp_path / "dest", REMOTE, listeners=("smtp",), hostname="mx.r.test")
+    add_user(dest, "joe@r.test")
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    n = 5
+    with socket.socket() as mute:  # accepts connections (the backlog does) and never says a word
+        mute.bind((REMOTE, 0))
+        mute.listen(16)
+        mute_at = "{}:{}".format(*mute.getsockname()[:2])
+        conf, ports = _conf(tmp_path, workers=1, relay=mute.getsockname()[:2])
+        with serve(conf, ports, 0) as proc:
+            with smtplib.SMTP(HOST, ports["submission"], timeout=10) as s:
+                s.starttls(context=ctx)
+                s.login("bill@w.test", "billpw")
+                for i in range(n):
+                    s.sendmail("bill@w.test", ["joe@r.test"], f"Subject: h{i}\r\n\r\nheld {i}\r\n".encode())
+            proc.kill()
+            proc.wait()
+    journal = tmp_path / "data" / "journal" / "w0.log"
+    held = {t for targets, _ in records(journal) for t in targets if t.startswith("queue/env/")}
+    assert len(held) == n  # all still pending in the journal: nothing was covered yet
+    with running_server(dest) as remote:
+        conf.write_text(conf.read_text().replace(mute_at, "{}:{}".format(*remote.endpoint("smtp"))))
+        with serve(conf, ports, 0):
+            _wait(lambda: len(maildir_files(dest, "joe@r.test")) >= n, timeout=30)
+            time.sleep(0.5)  # a duplicate would arrive now
+        got = sorted(p.read_bytes().split(b"\r\n\r\n", 1)[1] for p in maildir_files(dest, "joe@r.test"))
+    assert got == sorted(f"held {i}\r\n".encode() for i in range(n))
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_an_unusable_data_dir_is_one_clear_error(tmp_path: Path, workers: int) -> None:
     (tmp_path / "afile").write_text("not a directory")

@@ -94,9 +94,17 @@ def test_delete_waits_for_the_journal_and_refuses_an_item_only_a_replay_can_sett
     os.close(journal.fd)
     capsys.readouterr()
 
+    # Never placed (its files come at a checkpoint): listed and shown from the journal.
+    assert main(["-c", conf, "queue", "list", "--json"]) == 0
+    assert [item["id"] for item in json.loads(capsys.readouterr().out)] == [rec.id]
+    assert main(["-c", conf, "queue", "show", rec.id]) == 0
+    assert "Subject: fresh" in capsys.readouterr().out
     assert main(["-c", conf, "queue", "delete", rec.id]) == 1
     assert "start the server" in capsys.readouterr().err
-    assert store.exists(rec.id)
+    on_disk = QueueStore(data)  # what the next process sees
+    assert not on_disk.exists(rec.id)  # only its journal records: the item was never placed
     replay_all(data)  # what the next start does first
+    assert on_disk.exists(rec.id)
+    assert on_disk.data_path(rec.id).read_bytes() == b"Subject: fresh\r\n\r\nbody\r\n"
     assert main(["-c", conf, "queue", "delete", rec.id]) == 0
-    assert not store.exists(rec.id)
+    assert not on_disk.exists(rec.id)

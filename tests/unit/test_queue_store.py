@@ -48,7 +48,8 @@ def test_enqueue_that_fails_for_one_file_leaves_neither(tmp_path: Path, journale
     session answers 451) once both files' commits have ended, and the data file that did land
     is removed again: no half item stays behind."""
     if journaled:
-        store, committer, _journal = _journaled_store(tmp_path)
+        store, committer, journal = _journaled_store(tmp_path)
+        journal.max_record = 4  # too big for the journal: a journaled store's recipe path
     else:
         committer = Committer()
         store = QueueStore(tmp_path, committer)
@@ -61,6 +62,22 @@ def test_enqueue_that_fails_for_one_file_leaves_neither(tmp_path: Path, journale
         committer.close()
     assert os.listdir(store.data) == []
     assert not sp.path.exists()
+
+
+def test_a_journaled_item_whose_directory_is_gone_stays_in_the_journal(tmp_path: Path) -> None:
+    """A journaled item gets its names only at the checkpoint: if they cannot be made then, the
+    checkpoint fails and moves nothing on, so the records stay until a start replays them."""
+    store, committer, journal = _journaled_store(tmp_path)
+    body = b"Subject: x\r\n\r\nbody\r\n"
+    qid = _enqueue(store, body)
+    os.rmdir(store.env)
+    with pytest.raises(OSError):
+        journal.checkpoint()
+    assert journal.start < journal.end and journal.unplaced
+    _crash(committer, journal)
+    report = replay_all(tmp_path)
+    assert report.restored + report.intact == 2 and report.restored >= 1  # the env/ one at least
+    assert store.data_path(qid).read_bytes() == body and store.env_path(qid).exists()
 
 
 def test_recover_discards_half_made_items(tmp_path: Path) -> None:
@@ -301,22 +318,104 @@ def _enqueue(store: QueueStore, content: bytes) -> str:
     return rec.id
 
 
+def _placed(store: QueueStore, qid: str) -> str:
+    """Give a journaled item its names as a checkpoint does before its flush (no flush here)."""
+    assert store.journal is not None
+    for sp in store._spools[qid]:
+        store.journal.place_now(sp)
+    return qid
+
+
+def test_a_journaled_item_lives_in_its_spools_until_a_checkpoint(tmp_path: Path) -> None:
+    """Accepted through the journal, an item is not given its names: it is read from its spool
+    files, and its files appear in data/ and env/ only when a checkpoint comes first."""
+    store, committer, journal = _journaled_store(tmp_path)
+    try:
+        body = b"Subject: q\r\n\r\nheld\r\n"
+        qid = _enqueue(store, body)
+        assert os.listdir(store.data) == [] and os.listdir(store.env) == []
+        assert store.exists(qid)
+        assert store.data_file(qid).read_bytes() == body
+        rec = store.load(qid)
+        assert rec is not None and rec.id == qid and rec.recipients[0].address == "x@y.test"
+        journal.checkpoint()
+        assert store.data_path(qid).read_bytes() == body
+        assert EnvelopeRecord.from_json(store.env_path(qid).read_bytes()).id == qid
+        assert not journal.unplaced and store.exists(qid)
+        # Covered by the checkpoint: removed with the durable recipe, its spools let go.
+        assert store.remove_many([qid]) == {qid}
+        assert os.listdir(store.data) == [] and os.listdir(store.env) == [] and not store._spools
+    finally:
+        committer.close()
+
+
+def test_an_item_delivered_before_the_checkpoint_never_gets_a_file(tmp_path: Path) -> None:
+    """The common case in submission: removed in the same epoch, it leaves a removal record and
+    its two spools go back, still open, to the pools they came from; no file is made."""
+    store, committer, journal = _journaled_store(tmp_path)
+    try:
+        pool = SpoolPool(store.spool_tmp, size=2)
+        store.data_pool = pool
+        qid = _enqueue(store, b"Subject: q\r\n\r\nbrief\r\n")
+        data_spool, env_spool = store._spools[qid]
+        spares = len(store.spares)
+        assert store.remove_many([qid]) == {qid}
+        assert not store.exists(qid) and not journal.unplaced
+        assert list(pool._spares) == [data_spool] and len(store.spares) == spares + 1
+        assert env_spool in store.spares._spares and not env_spool.closed
+        journal.checkpoint()
+        assert os.listdir(store.data) == [] and os.listdir(store.env) == []
+        # The pool's next user writes over it from the start; its commit cuts it to length.
+        pool._refilling = True  # (no event loop here to top the pool up)
+        again = pool.take()
+        assert again is data_spool and again.size == 0
+        again.write(b"x")
+        again.trim()
+        assert again.path.read_bytes() == b"x"
+    finally:
+        committer.close()
+
+
+def test_an_envelope_rewrite_places_the_item_and_lets_its_spools_go(tmp_path: Path) -> None:
+    """A delivery attempt that leaves the item queued rewrites its envelope: the item gets its
+    names then, and its temp files are released (no descriptor held for a long-queued item)."""
+    store, committer, journal = _journaled_store(tmp_path)
+    try:
+        body = b"Subject: q\r\n\r\ndeferred\r\n"
+        qid = _enqueue(store, body)
+        spools = store._spools[qid]
+        rec = store.load(qid)
+        assert rec is not None
+        rec.recipients[0].attempts = 1
+        assert store.save(rec)
+        assert qid not in store._spools and not journal.unplaced
+        assert all(sp.closed and not sp.path.exists() for sp in spools)
+        assert store.data_path(qid).read_bytes() == body and store.data_file(qid) == store.data_path(qid)
+        loaded = store.load(qid)
+        assert loaded is not None and loaded.recipients[0].attempts == 1
+    finally:
+        committer.close()
+
+
 def test_a_journaled_item_lost_in_a_crash_comes_back_whole(tmp_path: Path) -> None:
     store, committer, journal = _journaled_store(tmp_path)
     body = b"Subject: q\r\n\r\nqueued once\r\n"
-    qid = _enqueue(store, body)
+    qid = _placed(store, _enqueue(store, body))  # placed by a checkpoint whose flush the crash cut
+    never = _enqueue(store, b"Subject: n\r\n\r\nnever placed\r\n")
     env = store.env_path(qid).read_bytes()
-    assert {t for targets, _ in records(journal.path) for t in targets} == {f"queue/data/{qid}", f"queue/env/{qid}.json"}
+    assert {t for targets, _ in records(journal.path) for t in targets} == {
+        f"queue/data/{qid}", f"queue/env/{qid}.json", f"queue/data/{never}", f"queue/env/{never}.json"}
     _crash(committer, journal)
-    # An operating-system crash lost what no flush had covered: the renames and the blocks.
+    # An operating-system crash lost what no flush had covered: the links and the blocks.
     os.unlink(store.env_path(qid))
     store.data_path(qid).write_bytes(b"\0" * len(body))
 
     report = replay_all(tmp_path)
-    assert (report.restored, report.rewritten) == (1, 1)
+    assert (report.restored, report.rewritten) == (3, 1)
     assert store.data_path(qid).read_bytes() == body
     assert store.env_path(qid).read_bytes() == env
-    assert QueueStore(tmp_path).recover() is not None and list(QueueStore(tmp_path).ids()) == [qid]
+    assert store.data_path(never).read_bytes() == b"Subject: n\r\n\r\nnever placed\r\n"
+    assert QueueStore(tmp_path).recover() is not None and sorted(QueueStore(tmp_path).ids()) == sorted([qid, never])
 
 
 def test_a_removal_recorded_in_the_journal_is_finished_not_undone_after_a_crash(
@@ -328,7 +427,7 @@ def test_a_removal_recorded_in_the_journal_is_finished_not_undone_after_a_crash(
 
     store, committer, journal = _journaled_store(tmp_path)
     a = _enqueue(store, b"Subject: a\r\n\r\nfirst\r\n")
-    b = _enqueue(store, b"Subject: b\r\n\r\nsecond\r\n")
+    b = _placed(store, _enqueue(store, b"Subject: b\r\n\r\nsecond\r\n"))
     synced: list[Path] = []
     with monkeypatch.context() as m:
         m.setattr(store_mod, "fsync_dir", synced.append)
@@ -393,8 +492,8 @@ def test_an_envelope_showing_another_items_bytes_is_written_again(tmp_path: Path
     """After a power cut a reused file can show the blocks of the envelope it held before:
     valid JSON, but not this item's."""
     store, committer, journal = _journaled_store(tmp_path)
-    old = _enqueue(store, b"Subject: o\r\n\r\nold\r\n")
-    qid = _enqueue(store, b"Subject: n\r\n\r\nnew\r\n")
+    old = _placed(store, _enqueue(store, b"Subject: o\r\n\r\nold\r\n"))
+    qid = _placed(store, _enqueue(store, b"Subject: n\r\n\r\nnew\r\n"))
     env = store.env_path(qid).read_bytes()
     _crash(committer, journal)
     store.env_path(qid).write_bytes(store.env_path(old).read_bytes())

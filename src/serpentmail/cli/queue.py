@@ -28,7 +28,8 @@ JOURNAL_WAIT = 3.0  # seconds: a running server checkpoints its journal about ev
 
 
 def _store(state: State) -> QueueStore:
-    return QueueStore(state.config.data_dir)
+    # A running server's items of the last second are in its journal only: listed from there.
+    return QueueStore(state.config.data_dir, read_journals=True)
 
 
 def _age(seconds: float) -> str:

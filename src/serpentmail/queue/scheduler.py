@@ -446,6 +446,7 @@ class Scheduler:
         rec = await self._envelope(qid)
         if rec is None or not self.store.exists(qid):
             log_event(log, "gone", id=qid)  # deleted by the CLI, or already finished
+            self.store.forget(qid)
             self._forced.discard(qid)
             return
         forced = qid in self._forced
@@ -459,7 +460,7 @@ class Scheduler:
         for r in rec.pending:
             if forced or r.next_attempt <= now:
                 groups.setdefault(r.domain, []).append(r)
-        envelope = Envelope(qid, rec.sender, self.store.data_path(qid), rec.size, rec.smtputf8, rec.body_8bit)
+        envelope = Envelope(qid, rec.sender, self.store.data_file(qid), rec.size, rec.smtputf8, rec.body_8bit)
 
         async def call(domain: str, rcpts: list[RecipientRecord]) -> list[RecipientResult]:
             try:
@@ -610,7 +611,7 @@ class Scheduler:
         def build_and_queue() -> EnvelopeRecord | None:
             original: bytes | None = None
             if rec.size <= self.dsn_body_limit:
-                original = self.store.data_path(rec.id).read_bytes()
+                original = self.store.data_file(rec.id).read_bytes()
             headers = b"" if original is not None else self.store.read_headers(rec.id)
             content = build_dsn(
                 reporting_mta=self.config.hostname, original_sender=rec.sender,

@@ -147,6 +147,7 @@ async def _start_queue(server: Server) -> Callable[[], Awaitable[None]] | None:
     count = server.worker_count
     store = QueueStore(server.config.data_dir, ctx.committer, recycler=ctx.recycler, journal=True,
                        partition=(server.worker_index, count) if count > 1 else None)
+    store.data_pool = ctx.spools
 
     def notify(links: list[Path]) -> None:
         # Read at call time: a component (POP3) may install its hook after we start.

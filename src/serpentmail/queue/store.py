@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..storage.fsutil import fsync_dir, write_durably
-from ..storage.journal import JournalFull
+from ..storage.journal import REMOVED, JournalFull, records
 from ..storage.maildir import (
     Committer,
     Recycler,
@@ -216,7 +216,7 @@ class QueueStore:
 
     def __init__(self, data_dir: Path, committer: Committer | None = None,
                  clock: Any = time.time, recycler: Recycler | None = None, *, journal: bool = False,
-                 partition: tuple[int, int] | None = None) -> None:
+                 partition: tuple[int, int] | None = None, read_journals: bool = False) -> None:
         self.data_dir = data_dir
         self.root = data_dir / "queue"
         self.data = self.root / "data"
@@ -235,11 +235,19 @@ class QueueStore:
         self.journal = committer.journal if journal and committer is not None else None
         # (index, count): this process's share of the queue (see owner_of); None: all of it.
         self.partition = partition if partition is not None and partition[1] > 1 else None
+        # The CLI's view: items a server holds only in its journal (accepted within the last
+        # second, never placed) are listed too, read from the journal files.
+        self.read_journals = read_journals
         # Control requests for every item that this process has already acted on (the last
         # worker to see one removes it: :meth:`take_requests`).
         self._requests_seen: set[str] = set()
         # Items this process journaled: id -> the journal epoch of their two records.
         self._journaled: dict[str, int] = {}
+        # Journaled items whose files are still their open spools (data, envelope) under their
+        # temp names: see "Journaled items" in docs/queue-states.md.
+        self._spools: dict[str, tuple[SpoolFile, SpoolFile]] = {}
+        # Where a delivered item's data spool goes back to (the server's session pool).
+        self.data_pool: SpoolPool | None = None
         # remove_batched: requests waiting for the next batch, on one event loop.
         self._rm_loop: asyncio.AbstractEventLoop | None = None
         self._rm_pending: list[tuple[str, asyncio.Future[bool]]] = []
@@ -293,17 +301,56 @@ class QueueStore:
         if self.committer is None:
             await loop.run_in_executor(None, _commit_sync, jobs)
             return record
+        # Journaled items are not given their names: the checkpoint links whatever is still queued
+        # by then (Journal.defer), the rest is delivered and removed without ever being placed.
+        journal = self.journal
+        defer = journal is not None and spool.size <= journal.max_record
         try:
             # Both files in one call: they land in the same batch, and one future waits for both.
             epochs = await commit_all_async(self.committer, [(sp, [target]) for sp, target in jobs],
-                                            keep_spool=True, journal=self.journal is not None)
+                                            keep_spool=True, journal=journal is not None, place=not defer)
         except Exception:
             await loop.run_in_executor(None, self.remove, qid)
             raise
         data_epoch, env_epoch = epochs
         if data_epoch is not None and env_epoch is not None:
             self._journaled[qid] = min(data_epoch, env_epoch)
+            if defer:
+                self._spools[qid] = (spool, env_spool)
+        elif defer and journal is not None:
+            # One file took the journal, the other the recipe (it cannot happen with today's
+            # sizes, but if it did): the deferred one is placed now and its temp name let go.
+            await loop.run_in_executor(None, self._settle, (spool, env_spool))
         return record
+
+    def _settle(self, spools: tuple[SpoolFile, SpoolFile]) -> None:
+        """Give a journaled item's files their names now, if the checkpoint has not, and let go
+        of the temp names (blocking: a worker thread). Raises OSError when a link fails: the
+        files stay deferred, and the checkpoint tries again."""
+        journal = self.journal
+        assert journal is not None
+        for sp in spools:
+            journal.place_now(sp)
+        for sp in spools:
+            sp.discard()  # the temp name only: the placed name stays
+
+    def data_file(self, qid: str) -> Path:
+        """Where to read the message of ``qid`` from: its spool while this process holds it
+        (valid until the item is removed), else ``data/<id>``."""
+        both = self._spools.get(qid)
+        return both[0].path if both is not None else self.data_path(qid)
+
+    def forget(self, qid: str) -> None:
+        """Drop this process's hold on the spools of an item found gone (``queue delete`` of
+        an item already placed)."""
+        both = self._spools.pop(qid, None)
+        if both is not None and self.journal is not None:
+            with self.journal.lock:
+                if any(sp in self.journal.unplaced for sp in both):
+                    self._spools[qid] = both  # not placed: nothing can have deleted it
+                    return
+            for sp in both:
+                sp.discard()
 
     def _env_spool(self) -> SpoolFile:
         """An empty temp file for a new envelope, made ahead in a worker thread (SpoolPool)."""
@@ -336,17 +383,59 @@ class QueueStore:
 
     # --- reading -------------------------------------------------------------------------
 
+    def journal_items(self) -> dict[str, tuple[bytes, bytes]]:
+        """Items that only a journal holds (``read_journals``): id -> (envelope, message). A
+        server gives a journaled item its files only at the checkpoint after its acceptance,
+        and none at all if it is delivered before that; a server killed meanwhile leaves them
+        for the replay at its next start. Records cut short or of an old lap are not read."""
+        envs: dict[str, bytes] = {}
+        datas: dict[str, bytes] = {}
+        removed: set[str] = set()
+        directory = self.data_dir / "journal"
+        paths = sorted(directory.glob("*.log")) if directory.is_dir() else []
+        for path in paths:
+            try:
+                for targets, content in records(path):
+                    for t in targets:
+                        if t.startswith(REMOVED):
+                            removed.add(t[len(REMOVED):])
+                        elif t.startswith("queue/env/") and t.endswith(".json"):
+                            envs[t[len("queue/env/"):-len(".json")]] = content
+                        elif t.startswith("queue/data/"):
+                            datas[t[len("queue/data/"):]] = content
+            except (OSError, ValueError):
+                continue
+        return {q: (env, datas[q]) for q, env in envs.items()
+                if q in datas and f"queue/env/{q}.json" not in removed and valid_id(q)}
+
+    def _journal_item(self, qid: str) -> tuple[bytes, bytes] | None:
+        if not self.read_journals:
+            return None
+        return self.journal_items().get(qid)
+
     def load(self, qid: str) -> EnvelopeRecord | None:
         """The envelope of ``qid``, or None when the item is gone (delivered, deleted)."""
+        both = self._spools.get(qid)
+        path = both[1].path if both is not None else self.env_path(qid)
         try:
-            raw = self.env_path(qid).read_bytes()
+            raw = path.read_bytes()
         except FileNotFoundError:
-            return None
-        return EnvelopeRecord.from_json(raw)
+            held = self._journal_item(qid)
+            if held is None:
+                return None
+            raw = held[0]
+        rec = EnvelopeRecord.from_json(raw)
+        # A spool read just as its item was removed may already hold another's envelope.
+        return rec if rec.id == qid else None
 
     def exists(self, qid: str) -> bool:
         # Runs on the event loop once per delivery pass: plain strings, no Path objects made.
-        return os.path.exists(f"{self._env_str}/{qid}.json") and os.path.exists(f"{self._data_str}/{qid}")
+        both = self._spools.get(qid)
+        if both is not None and self.journal is not None and both[0] in self.journal.unplaced:
+            return True  # not placed yet: nothing but this process can have removed it
+        if os.path.exists(f"{self._env_str}/{qid}.json") and os.path.exists(f"{self._data_str}/{qid}"):
+            return True
+        return self._journal_item(qid) is not None
 
     def owns(self, qid: str) -> bool:
         """Whether ``qid`` is in this process's partition (always, without one)."""
@@ -368,7 +457,15 @@ class QueueStore:
                     yield name[:-5]
 
     def scan(self) -> Iterator[EnvelopeRecord]:
-        """Every complete item's envelope, one at a time (bodies are never read)."""
+        """Every complete item's envelope, one at a time (bodies are never read); with
+        ``read_journals``, the items only a journal holds as well."""
+        if self.read_journals:
+            for qid, (env, _data) in self.journal_items().items():
+                if self.owns(qid) and not self.env_path(qid).exists():
+                    try:
+                        yield EnvelopeRecord.from_json(env)
+                    except ValueError:
+                        continue
         for qid in self.ids():
             if not self.data_path(qid).exists():
                 continue  # being enqueued right now, or being removed
@@ -381,8 +478,14 @@ class QueueStore:
 
     def read_headers(self, qid: str, limit: int = 64 * 1024) -> bytes:
         """The header section of the message (for DSNs), at most ``limit`` bytes."""
-        with open(self.data_path(qid), "rb") as f:
-            head = f.read(limit)
+        try:
+            with open(self.data_file(qid), "rb") as f:
+                head = f.read(limit)
+        except FileNotFoundError:
+            held = self._journal_item(qid)
+            if held is None:
+                raise
+            head = held[1][:limit]
         end = head.find(b"\r\n\r\n")
         if end < 0:
             end = head.find(b"\n\n")
@@ -394,6 +497,14 @@ class QueueStore:
     def save(self, record: EnvelopeRecord) -> bool:
         """Atomically replace the envelope. Returns False (and writes nothing) when the item
         was removed meanwhile (``queue delete``), so a deleted item is not resurrected."""
+        both = self._spools.pop(record.id, None)
+        if both is not None:
+            # The item stays queued: it gets its names now, and lets go of its spools.
+            try:
+                self._settle(both)
+            except BaseException:
+                self._spools[record.id] = both
+                raise
         if not self.data_path(record.id).exists():
             return False
         tmp = self.tmp / f"{record.id}.{os.getpid()}.{secrets.token_hex(4)}"
@@ -432,7 +543,20 @@ class QueueStore:
                 existed.add(qid)
             except FileNotFoundError:
                 continue
+        for qid in qids:
+            both = self._spools.pop(qid, None)
+            if both is not None:
+                self._give_back(both)  # their placed names are gone: nothing else names them
         return existed
+
+    def _give_back(self, spools: tuple[SpoolFile, SpoolFile]) -> None:
+        """A removed item's spools, open, to the pools they serve (no file made or blanked)."""
+        data, env = spools
+        if self.data_pool is not None:
+            self.data_pool.give(data)
+        else:
+            data.discard()
+        self.spares.give(env)
 
     def _discard(self, path: Path, *, blank_first: bool = False) -> None:
         """Unlink a queue file, or hand it to the recycler (the same commit point); raises
@@ -480,12 +604,23 @@ class QueueStore:
             # The files go while the lock is held: no checkpoint can take its snapshot between
             # the removal record and the removal, so the one that covers the record covers both.
             for qid in fresh:
+                both = self._spools.pop(qid, None)
+                if both is not None:
+                    # Never placed, in practice (the checkpoint places before it moves the
+                    # epoch on): then the spools are all there is, and go back to their pools.
+                    placed = [journal.unplaced.pop(sp, None) is None for sp in both]
+                    done.add(qid)
+                    if not any(placed):
+                        self._give_back(both)
+                        continue
                 for path, blank_first in ((self.env_path(qid), False), (self.data_path(qid), True)):
                     try:
                         self._discard(path, blank_first=blank_first)
                         done.add(qid)
                     except FileNotFoundError:
                         continue
+                if both is not None:
+                    self._give_back(both)
         # The others take the durable removal, which must not delete files that a record still
         # names (a crash would bring them back): the checkpoint covering them must have ended.
         with contextlib.suppress(OSError):

@@ -48,7 +48,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,6 +129,9 @@ class Journal:
         self.max_record = min(MAX_RECORD, (self.size - DATA_START) // 4)
         self._since: float | None = None  # when the oldest record not yet checkpointed was written
         self._dirs: set[Path] = set()  # directories that gained entries since the last checkpoint
+        # Records appended but whose files are not in place yet (queue items: see
+        # :meth:`defer`): key -> the function that puts them there.
+        self.unplaced: dict[object, Callable[[], None]] = {}
 
     @property
     def pending_since(self) -> float | None:
@@ -148,6 +151,26 @@ class Journal:
         may lose it together with the removal, and the replay then restores the files (the
         work is done twice, nothing is lost). Raises :class:`JournalFull` or OSError."""
         self._write([([REMOVED + self._name(t) for t in targets], b"")], targets, sync=False)
+
+    def defer(self, key: object, place: Callable[[], None]) -> None:
+        """Leave the files of a record just appended where they are (call with :attr:`lock`
+        held, right after :meth:`append`): the owner places them itself, or removes them with
+        :meth:`append_removal` and ``unplaced.pop(key)``, and the next checkpoint calls
+        ``place()`` for every one still here before its snapshot, so that no checkpoint ever
+        makes redundant a record whose file is not on disk (a crash after it would lose it)."""
+        self.unplaced[key] = place
+
+    def place_now(self, key: object) -> None:
+        """Place a deferred record's files now (any thread, not holding :attr:`lock`); nothing
+        if they are placed already. On failure they stay deferred and the error is raised."""
+        with self.lock:
+            self._place(key)
+
+    def _place(self, key: object) -> None:
+        place = self.unplaced.get(key)
+        if place is not None:
+            place()
+            del self.unplaced[key]
 
     def _name(self, target: Path) -> str:
         # The targets are made from the same data directory as ``root``: cutting its prefix off
@@ -197,6 +220,8 @@ class Journal:
             end, gen, dirs = self.end, self.gen, self._dirs
             if end == self.start:
                 return
+            for key in list(self.unplaced):
+                self._place(key)  # raises OSError: no snapshot, the records stay pending
             self._dirs = set()
             self.epoch += 1
         try:

@@ -149,6 +149,7 @@ class CommitJob:
     journal: bool = False  # may go through the committer's journal
     done: bool = field(default=False)
     epoch: int | None = None  # set when journaled: the journal's epoch at the append
+    place: bool = True  # False: a journaled job's file stays where it is (see _defer)
 
 
 @dataclass(slots=True)
@@ -292,7 +293,7 @@ class Committer:
                     return
                 else:
                     # Placed while the lock is held: a checkpoint covers only placed records.
-                    results = [(job, _place(job)) for job in jobs]
+                    results = [(job, _place(job) if job.place else _defer(journal, job)) for job in jobs]
                     for job in jobs:
                         job.epoch = journal.epoch
                     break
@@ -346,6 +347,31 @@ def _read_spool(spool: SpoolFile) -> bytes:
     if len(data) != spool.size:
         raise OSError(f"spool {spool.path} is shorter than written")
     return data
+
+
+def _defer(journal: Journal, job: CommitJob) -> BaseException | None:
+    """A journaled job whose file stays where it is, open, under its temp name: the next
+    checkpoint links it into place unless its owner removes it first (:meth:`.Journal.defer`;
+    a queue item, which is nearly always delivered before that, so it never gets a name of
+    its own). Call with the journal's lock held."""
+    try:
+        job.spool.trim()
+    except OSError as exc:  # reported to the session as 451, detail logged there
+        _cleanup_failed(job)
+        return exc
+    journal.defer(job.spool, functools.partial(_link_in_place, job.spool.path, job.links))
+    return None
+
+
+def _link_in_place(path: Path, targets: list[Path]) -> None:
+    """A deferred job's final names: hard links, so that its temp name, which readers were
+    given, stays valid until its owner lets it go."""
+    for target in targets:
+        try:
+            os.link(path, target)
+        except FileExistsError:
+            if not os.path.samefile(path, target):
+                raise
 
 
 def _put_in_place(job: CommitJob) -> None:
@@ -511,7 +537,7 @@ async def commit_async(committer: Committer, spool: SpoolFile, links: list[Path]
 
 
 async def commit_all_async(committer: Committer, jobs: list[tuple[SpoolFile, list[Path]]], *,
-                           keep_spool: bool = False, journal: bool = False) -> list[int | None]:
+                           keep_spool: bool = False, journal: bool = False, place: bool = True) -> list[int | None]:
     """:func:`commit_async` for several files at once (a queue item's data file and its
     envelope): one future for all of them instead of a task per file and a gather. Returns once
     every job has ended: their journal epochs, in order, or raises the first job's error (the
@@ -535,7 +561,7 @@ async def commit_all_async(committer: Committer, jobs: list[tuple[SpoolFile, lis
     def done(err: BaseException | None) -> None:  # runs in a committer thread
         waker.add(settled, err)
 
-    made = [CommitJob(spool, links, done, keep_spool=keep_spool, journal=journal) for spool, links in jobs]
+    made = [CommitJob(spool, links, done, keep_spool=keep_spool, journal=journal, place=place) for spool, links in jobs]
     if not made:
         return []
     for job in made:
@@ -726,6 +752,7 @@ class SpoolPool:
         self._spares: collections.deque[SpoolFile] = collections.deque()
         self._refilling = False
         self._generation = 0  # bumped by close(), so a refill begun before it keeps nothing
+        self._closed = False  # give() keeps nothing after close()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -784,10 +811,30 @@ class SpoolPool:
                 raise
         return out
 
+    def give(self, spool: SpoolFile) -> None:
+        """Take back a spool file that nothing reads or names any more (a delivered queue
+        item's, still open under its temp name only; any thread): written over by its next
+        user and cut to length at its commit, with no system call to make it ready but a
+        seek. Discarded instead when the pool is full or closed."""
+        with self._lock:
+            keep = not spool.closed and not self._closed and len(self._spares) < 2 * self.size
+            if keep:
+                try:
+                    os.lseek(spool.fd, 0, os.SEEK_SET)
+                except OSError:
+                    keep = False
+            if keep:
+                spool.stale = max(spool.stale, spool.size)
+                spool.size = 0
+                self._spares.append(spool)
+                return
+        spool.discard()
+
     def close(self) -> None:
         """Remove the unused spares (server stop); a refill still running discards its files."""
         with self._lock:
             self._generation += 1
+            self._closed = True
             spares, self._spares = self._spares, type(self._spares)()
         for sp in spares:
             sp.discard()
