@@ -376,6 +376,23 @@ def test_an_item_delivered_before_the_checkpoint_never_gets_a_file(tmp_path: Pat
         committer.close()
 
 
+def test_past_the_limit_of_held_items_new_ones_are_placed_at_once(tmp_path: Path) -> None:
+    """Each held item keeps two descriptors open: a burst to a slow destination must not run
+    the process out of them, so past ``held_max`` an item is put in place as it is accepted."""
+    store, committer, _journal = _journaled_store(tmp_path)
+    try:
+        store.held_max = 1
+        held = _enqueue(store, b"Subject: 1\r\n\r\none\r\n")
+        placed = _enqueue(store, b"Subject: 2\r\n\r\ntwo\r\n")
+        assert list(store._spools) == [held]
+        assert os.listdir(store.data) == [placed] and store.data_file(placed) == store.data_path(placed)
+        assert store.data_path(placed).read_bytes() == b"Subject: 2\r\n\r\ntwo\r\n"
+        assert store.remove_many([held, placed]) == {held, placed}
+        assert os.listdir(store.data) == [] and os.listdir(store.env) == []
+    finally:
+        committer.close()
+
+
 def test_an_envelope_rewrite_places_the_item_and_lets_its_spools_go(tmp_path: Path) -> None:
     """A delivery attempt that leaves the item queued rewrites its envelope: the item gets its
     names then, and its temp files are released (no descriptor held for a long-queued item)."""

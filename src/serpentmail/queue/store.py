@@ -24,9 +24,12 @@ Invariants (see docs/queue-states.md for the full table):
 * Removal deletes the envelope first (the commit point of "gone", made durable by an fsync of
   ``env/``, one for a whole batch of removals), then the data file.
 * With ``journal=True`` (the scheduler's process), new items go through the delivery journal
-  (one flush, no fsync of the files or directories), and an item delivered before the
-  journal's next checkpoint is removed with a removal record instead of any fsync
-  (:meth:`QueueStore._remove_journaled`; docs/queue-states.md, "Journaled items").
+  (one flush, no fsync of the files or directories) and are not given their names: their two
+  spool files, held open, are the item until the journal's next checkpoint links them into
+  ``data/`` and ``env/`` (:meth:`Journal.defer`); an item delivered before that is removed
+  with a removal record, no file ever made, and its spools go back to their pools
+  (:meth:`QueueStore._remove_journaled`; docs/queue-states.md, "Journaled items"). Such an
+  item is on disk only in the journal, so the CLI reads journals too (``read_journals``).
 * With several worker processes the queue is partitioned among them by id
   (:func:`owner_of`): each worker makes ids of its own partition, journals, delivers,
   retries and removes its own items, and never touches another's (``partition``).
@@ -68,6 +71,9 @@ RecipientState = Literal["pending", "delivered", "failed"]
 ENVELOPE_VERSION = 1
 # Empty temp files kept ready for new envelopes (see QueueStore._env_spool).
 SPARE_ENVELOPE_FILES = 32
+# Journaled items held in their open spool files at once, per process (two descriptors each);
+# past that, new items are placed at once (see QueueStore.enqueue).
+HELD_MAX = 256
 REQUEST_TTL = 10.0  # seconds a request for every item stays for the other workers to see
 _ID_RE = re.compile(r"^[0-9A-Z]{8,40}$")
 
@@ -248,6 +254,7 @@ class QueueStore:
         self._spools: dict[str, tuple[SpoolFile, SpoolFile]] = {}
         # Where a delivered item's data spool goes back to (the server's session pool).
         self.data_pool: SpoolPool | None = None
+        self.held_max = HELD_MAX
         # remove_batched: requests waiting for the next batch, on one event loop.
         self._rm_loop: asyncio.AbstractEventLoop | None = None
         self._rm_pending: list[tuple[str, asyncio.Future[bool]]] = []
@@ -304,7 +311,7 @@ class QueueStore:
         # Journaled items are not given their names: the checkpoint links whatever is still queued
         # by then (Journal.defer), the rest is delivered and removed without ever being placed.
         journal = self.journal
-        defer = journal is not None and spool.size <= journal.max_record
+        defer = journal is not None and spool.size <= journal.max_record and len(self._spools) < self.held_max
         try:
             # Both files in one call: they land in the same batch, and one future waits for both.
             epochs = await commit_all_async(self.committer, [(sp, [target]) for sp, target in jobs],

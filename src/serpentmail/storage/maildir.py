@@ -31,7 +31,9 @@ written over from the start and cut to its length when it is committed (:meth:`S
 With a :class:`~.journal.Journal` (the server's default), a job marked ``journal`` of up to
 1 MiB (a local delivery, or a queue file of the scheduler's process) takes the journal's path
 instead of steps 2 and 4: its bytes are appended to the journal with one flush, then it is
-renamed or linked into place; see :mod:`.journal`.
+renamed or linked into place; see :mod:`.journal`. A queue item's job (``place=False``) is
+not even put in place: the checkpoint links it if it is still queued by then (:func:`_defer`),
+and a delivered item's spools come back to their pool as they are (:meth:`SpoolPool.give`).
 
 Stored messages keep the CRLF line endings they arrived with, so the file is byte-for-byte
 what the client sent (plus our trace headers) and POP3 can send it without conversion.
