@@ -336,6 +336,7 @@ def test_a_journaled_item_lives_in_its_spools_until_a_checkpoint(tmp_path: Path)
         assert os.listdir(store.data) == [] and os.listdir(store.env) == []
         assert store.exists(qid)
         assert store.data_file(qid).read_bytes() == body
+        assert os.pread(store.data_fd(qid), 100, 0) == body  # what the remote courier reads
         rec = store.load(qid)
         assert rec is not None and rec.id == qid and rec.recipients[0].address == "x@y.test"
         journal.checkpoint()
@@ -345,6 +346,7 @@ def test_a_journaled_item_lives_in_its_spools_until_a_checkpoint(tmp_path: Path)
         # Covered by the checkpoint: removed with the durable recipe, its spools let go.
         assert store.remove_many([qid]) == {qid}
         assert os.listdir(store.data) == [] and os.listdir(store.env) == [] and not store._spools
+        assert store.data_fd(qid) == -1
     finally:
         committer.close()
 

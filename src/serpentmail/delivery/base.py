@@ -39,6 +39,9 @@ class Envelope:
     size: int
     smtputf8: bool = False
     body_8bit: bool = False
+    # An open descriptor of that file while the queue holds one for the whole attempt (a
+    # journaled item's spool), read with pread instead of opening the path; -1: none.
+    data_fd: int = -1
 
 
 class Courier(Protocol):

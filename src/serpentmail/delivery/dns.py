@@ -153,6 +153,9 @@ class DNSResolver:
         self.cache_max_ttl = cache_max_ttl
         self._cache: dict[tuple[str, str], tuple[float, str, list[object]]] = {}
         self._asking: dict[tuple[str, str], asyncio.Task[tuple[str, list[object], float]]] = {}
+        # Address literals already parsed (a relay given as an IP is asked for every message,
+        # and ipaddress parses in Python): bounded, since names come from configuration and MX.
+        self._literals: dict[str, AddressResult] = {}
         self._clock = clock
         self.cache_hits = 0  # answers served from the cache (tests, bench.micro dns)
         if nameservers:
@@ -247,12 +250,19 @@ class DNSResolver:
 
     async def resolve_host(self, name: str) -> AddressResult:
         """A then AAAA addresses of ``name`` (IPv4 first: more often reachable)."""
+        known = self._literals.get(name)
+        if known is not None:
+            return known
         name = _norm(name)
         if ":" in name or name.replace(".", "").isdigit():  # what could be an IP address literal
             try:
-                return AddressResult((str(ipaddress.ip_address(name)),))
+                res = AddressResult((str(ipaddress.ip_address(name)),))
             except ValueError:
                 pass
+            else:
+                if len(self._literals) < 256:
+                    self._literals[name] = res
+                return res
         a, aaaa = self._cached(name, "A"), self._cached(name, "AAAA")
         if a is not None and aaaa is not None:  # both known: no tasks for a gather
             (st4, r4), (st6, r6) = a, aaaa

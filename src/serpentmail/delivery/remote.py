@@ -231,16 +231,22 @@ class _Chunks:
     itself (the same rule as POP3's RETR). A class, not an async generator: mypyc compiles
     this module's callers (setup.py), and it does not compile async generators."""
 
-    def __init__(self, path: Path, size_hint: int = CHUNK) -> None:
+    def __init__(self, path: Path, size_hint: int = CHUNK, fd: int = -1) -> None:
         self.path = path
         self.size_hint = size_hint
+        self.fd = fd  # the file already open (Envelope.data_fd): a small one is one pread
         self.f: Any = None
         self.started = False
 
     async def next(self) -> bytes | None:
         if not self.started:
             self.started = True
-            if self.size_hint <= INLINE_READ:
+            if self.size_hint <= INLINE_READ and self.fd >= 0:
+                chunk = os.pread(self.fd, self.size_hint + 1, 0)
+                if len(chunk) <= self.size_hint:
+                    return chunk or None  # the whole message in one call, nothing to close
+                self.f, chunk = _open_and_read(self.path, self.size_hint)  # longer than said
+            elif self.size_hint <= INLINE_READ:
                 self.f, chunk = _open_and_read(self.path, self.size_hint)
             else:
                 self.f, chunk = await asyncio.to_thread(_open_and_read, self.path, self.size_hint)
@@ -720,7 +726,7 @@ class RemoteCourier:
                 results[rcpt] = RecipientResult(rcpt, status, str(reply), s.route.name)
 
         if chunking:
-            final = await self._send_bdat(s, envelope.data_path, envelope.size)
+            final = await self._send_bdat(s, envelope.data_path, envelope.size, envelope.data_fd)
         else:
             if data_reply is None:
                 eng.data()
@@ -728,7 +734,7 @@ class RemoteCourier:
             if data_reply.code != 354:
                 settle(data_reply)
                 return await self._reset(s)
-            final = await self._send_data(s, envelope.data_path, envelope.size)
+            final = await self._send_data(s, envelope.data_path, envelope.size, envelope.data_fd)
         if final is None:
             # The end of data went out but its reply never came: RFC 5321 §6.1 window.
             for rcpt in accepted:
@@ -748,10 +754,10 @@ class RemoteCourier:
         await self._final(s, self.timeouts.data_end)
         return False
 
-    async def _send_data(self, s: _Session, path: Path, size_hint: int = CHUNK) -> ServerReply | None:
+    async def _send_data(self, s: _Session, path: Path, size_hint: int = CHUNK, fd: int = -1) -> ServerReply | None:
         t = self.timeouts
         stuffer = DotStuffer()
-        chunks = _Chunks(path, size_hint)
+        chunks = _Chunks(path, size_hint, fd)
         try:
             while (chunk := await chunks.next()) is not None:
                 s.engine.send_content(stuffer.feed(chunk))
@@ -764,8 +770,8 @@ class RemoteCourier:
         s.engine.end_data(stuffer.end())
         return await self._final(s, t.data_end)
 
-    async def _send_bdat(self, s: _Session, path: Path, size_hint: int = CHUNK) -> ServerReply | None:
-        chunks = _Chunks(path, size_hint)
+    async def _send_bdat(self, s: _Session, path: Path, size_hint: int = CHUNK, fd: int = -1) -> ServerReply | None:
+        chunks = _Chunks(path, size_hint, fd)
         try:
             return await self._bdat_chunks(s, chunks)
         finally:

@@ -460,7 +460,8 @@ class Scheduler:
         for r in rec.pending:
             if forced or r.next_attempt <= now:
                 groups.setdefault(r.domain, []).append(r)
-        envelope = Envelope(qid, rec.sender, self.store.data_file(qid), rec.size, rec.smtputf8, rec.body_8bit)
+        envelope = Envelope(qid, rec.sender, self.store.data_file(qid), rec.size, rec.smtputf8, rec.body_8bit,
+                            self.store.data_fd(qid))
 
         async def call(domain: str, rcpts: list[RecipientRecord]) -> list[RecipientResult]:
             try:

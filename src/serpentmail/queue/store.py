@@ -48,6 +48,7 @@ import contextlib
 import functools
 import json
 import os
+import random
 import re
 import secrets
 import time
@@ -94,7 +95,9 @@ def new_queue_id(now: float | None = None, owner: tuple[int, int] | None = None)
     ``index`` (the worker process that makes the id owns the item).
     """
     micros = int((time.time() if now is None else now) * 1_000_000)
-    bits = secrets.randbits(24)
+    # Not a secret, only unique with the time: the random module's generator, which Python
+    # reseeds in a forked child (secrets.randbits was a getrandom(2) call per message).
+    bits = random.getrandbits(24)
     if owner is not None:
         index, count = owner
         bits += index - bits % count
@@ -346,6 +349,13 @@ class QueueStore:
         (valid until the item is removed), else ``data/<id>``."""
         both = self._spools.get(qid)
         return both[0].path if both is not None else self.data_path(qid)
+
+    def data_fd(self, qid: str) -> int:
+        """The open descriptor of the message of ``qid`` while this process holds its spool
+        (it stays open until the item's pass has ended: removal and envelope rewrites come
+        after it), else -1."""
+        both = self._spools.get(qid)
+        return both[0].fd if both is not None and not both[0].closed else -1
 
     def forget(self, qid: str) -> None:
         """Drop this process's hold on the spools of an item found gone (``queue delete`` of
