@@ -378,6 +378,49 @@ def test_an_item_delivered_before_the_checkpoint_never_gets_a_file(tmp_path: Pat
         committer.close()
 
 
+def test_remove_now_takes_a_never_placed_item_on_the_loop_and_records_it(tmp_path: Path) -> None:
+    """The event loop's removal (no thread hop): the spools go back, the removal record is
+    written at once when nothing holds the journal, and a kill then brings nothing back.
+    An item a checkpoint covered is not its business (False: remove_batched takes it)."""
+    store, committer, journal = _journaled_store(tmp_path)
+    gone = _enqueue(store, b"Subject: g\r\n\r\ndelivered\r\n")
+    covered = _enqueue(store, b"Subject: c\r\n\r\nstill queued at the checkpoint\r\n")
+    assert store.remove_now(gone)
+    assert not store.exists(gone) and gone not in store._spools and not journal.removals
+    assert [t for ts, _ in records(journal.path) for t in ts if t.startswith("-")] == [
+        f"-queue/env/{gone}.json", f"-queue/data/{gone}"]
+    journal.checkpoint()
+    assert not store.remove_now(covered) and store.exists(covered)
+    fresh = _enqueue(store, b"Subject: f\r\n\r\nafter the checkpoint\r\n")
+    with journal.lock:  # a flush in progress: the record waits for the next write
+        assert store.remove_now(fresh)
+        assert journal.removals == [f"-queue/env/{fresh}.json", f"-queue/data/{fresh}"]
+    journal.flush_removals()
+    assert not journal.removals
+    _crash(committer, journal)
+    report = replay_all(tmp_path)
+    assert (report.restored, report.removed) == (0, 0)  # the delivered one stays delivered
+    assert sorted(QueueStore(tmp_path).ids()) == [covered]
+
+
+def test_a_kill_before_a_queued_removal_is_written_sends_the_item_again(tmp_path: Path) -> None:
+    """The window the queued record leaves (a quarter of a second at most): a kill in it finds
+    the item's records with no removal after them, so it is restored and sent twice, as after
+    an operating-system crash: never lost."""
+    store, committer, journal = _journaled_store(tmp_path)
+    committer._stop.set()  # no checkpointer round to write the record meanwhile
+    for t in committer._threads:
+        if t.name == "checkpointer":
+            t.join(timeout=10)
+    body = b"Subject: w\r\n\r\nin the window\r\n"
+    qid = _enqueue(store, body)
+    with journal.lock:
+        assert store.remove_now(qid)
+    _crash(committer, journal)
+    assert replay_all(tmp_path).restored == 2
+    assert store.data_path(qid).read_bytes() == body
+
+
 def test_past_the_limit_of_held_items_new_ones_are_placed_at_once(tmp_path: Path) -> None:
     """Each held item keeps two descriptors open: a burst to a slow destination must not run
     the process out of them, so past ``held_max`` an item is put in place as it is accepted."""

@@ -598,7 +598,8 @@ class Scheduler:
             self._schedule(rec.id, due, rec.pending_domains())
 
     async def _remove(self, qid: str) -> None:
-        await self.store.remove_batched(qid)  # group commit: one env/ fsync per batch
+        if not self.store.remove_now(qid):  # never placed: nothing to do but on the loop
+            await self.store.remove_batched(qid)  # group commit: one env/ fsync per batch
         self._forced.discard(qid)
         log_event(log, "removed", id=qid)
 

@@ -132,6 +132,14 @@ class Journal:
         # Records appended but whose files are not in place yet (queue items: see
         # :meth:`defer`): key -> the function that puts them there.
         self.unplaced: dict[object, Callable[[], None]] = {}
+        # Guards :attr:`unplaced`, :attr:`removals` and :attr:`epoch` for the event loop, which
+        # removes a delivered item without :attr:`lock` (held through every flush): taken
+        # after :attr:`lock` where both are, and only ever for a few dictionary operations
+        # or, in a checkpoint, the links of the items still deferred.
+        self.place_lock = threading.Lock()
+        # Removal records waiting to be written (names with the REMOVED mark), see
+        # :meth:`queue_removal`.
+        self.removals: list[str] = []
 
     @property
     def pending_since(self) -> float | None:
@@ -163,14 +171,53 @@ class Journal:
     def place_now(self, key: object) -> None:
         """Place a deferred record's files now (any thread, not holding :attr:`lock`); nothing
         if they are placed already. On failure they stay deferred and the error is raised."""
-        with self.lock:
+        with self.lock, self.place_lock:
             self._place(key)
 
     def _place(self, key: object) -> None:
         place = self.unplaced.get(key)
         if place is not None:
             place()
-            del self.unplaced[key]
+            self.unplaced.pop(key, None)
+
+    def queue_removal(self, targets: list[Path]) -> None:
+        """:meth:`append_removal` for files that were never placed (a deferred record's, whose
+        key the caller has just taken out of :attr:`unplaced`), written with the next append
+        or checkpoint instead of now: call with :attr:`place_lock` held (not :attr:`lock`:
+        the event loop calls this). Until it is written, a process crash brings the item back
+        from its records (delivered twice, never lost), as an operating-system crash does
+        with any removal record; a checkpoint writes it before its snapshot, and the
+        checkpointer thread within a quarter of a second."""
+        self.removals.extend(REMOVED + self._name(t) for t in targets)
+
+    def _take_removals(self) -> list[tuple[list[str], bytes]]:
+        """The queued removal names as one record to write (call with :attr:`lock` held)."""
+        with self.place_lock:
+            names, self.removals = self.removals, []
+        return [(names, b"")] if names else []
+
+    def flush_removals(self) -> None:
+        """Write the queued removal records now (no flush); the checkpointer's every round."""
+        if self.removals:
+            with self.lock:
+                self._write_removals()
+
+    def try_flush_removals(self) -> None:
+        """:meth:`flush_removals` if :attr:`lock` is free at once (the event loop must not wait
+        for a flush in progress: then the next append or round of the checkpointer writes them)."""
+        if self.removals and self.lock.acquire(blocking=False):
+            try:
+                self._write_removals()
+            finally:
+                self.lock.release()
+
+    def _write_removals(self) -> None:
+        recs = self._take_removals()
+        if recs:
+            try:
+                self._write(recs, [], sync=False)
+            except (JournalFull, OSError):
+                pass  # only a crash's duplicates depend on them: the checkpoint covers the rest
 
     def _name(self, target: Path) -> str:
         # The targets are made from the same data directory as ``root``: cutting its prefix off
@@ -182,7 +229,10 @@ class Journal:
         return os.path.relpath(target, self.root)
 
     def _write(self, recs: list[tuple[list[str], bytes]], targets: list[Path], *, sync: bool) -> None:
-        """Append one record per (target names, content) at the end, ``fdatasync`` if ``sync``."""
+        """Append one record per (target names, content) at the end, ``fdatasync`` if ``sync``;
+        the queued removal records go first."""
+        if self.removals:
+            self._write_removals()
         bufs: list[bytes] = []
         total = 0
         for names, content in recs:
@@ -217,13 +267,15 @@ class Journal:
 
     def _checkpoint(self) -> None:
         with self.lock:
-            end, gen, dirs = self.end, self.gen, self._dirs
-            if end == self.start:
+            if self.end == self.start:
                 return
-            for key in list(self.unplaced):
-                self._place(key)  # raises OSError: no snapshot, the records stay pending
+            with self.place_lock:
+                for key in list(self.unplaced):
+                    self._place(key)  # raises OSError: no snapshot, the records stay pending
+                self.epoch += 1
+            self._write_removals()  # the ones queued before the epoch moved on: in this snapshot
+            end, gen, dirs = self.end, self.gen, self._dirs
             self._dirs = set()
-            self.epoch += 1
         try:
             syncfs(self.fd)
             seen = {os.fstat(self.fd).st_dev}
