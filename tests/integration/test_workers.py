@@ -509,11 +509,13 @@ def test_relayed_mail_is_not_sent_again_after_a_kill_right_after_delivery(tmp_pa
     assert "Traceback" not in (tmp_path / "serve.log").read_text()
 
 
-def test_relayed_mail_held_only_in_the_journal_survives_a_kill(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM])
+def test_relayed_mail_held_only_in_the_journal_survives_a_stop(tmp_path: Path, stop: signal.Signals) -> None:
     """An accepted item lives in its spools until the journal's checkpoint gives it files
-    (queue/store.py). Killed while its first attempt hangs on a relay that never answers, the
-    server has acknowledged mail that exists only in its journal: the next start must write it
-    back from there and deliver every message once."""
+    (queue/store.py). Stopped while its first attempt hangs on a relay that never answers, the
+    server has acknowledged mail that exists only in its journal: killed, the next start must
+    write it back from there; stopped cleanly, the last checkpoint gives it its files. Either
+    way every message is delivered once."""
     from serpentmail.storage.journal import records
 
     dest = make_config(tmp_path / "dest", REMOTE, listeners=("smtp",), hostname="mx.r.test")
@@ -533,11 +535,15 @@ def test_relayed_mail_held_only_in_the_journal_survives_a_kill(tmp_path: Path) -
                 s.login("bill@w.test", "billpw")
                 for i in range(n):
                     s.sendmail("bill@w.test", ["joe@r.test"], f"Subject: h{i}\r\n\r\nheld {i}\r\n".encode())
-            proc.kill()
-            proc.wait()
+            proc.send_signal(stop)
+            assert proc.wait(30) == (0 if stop == signal.SIGTERM else -signal.SIGKILL)
     journal = tmp_path / "data" / "journal" / "w0.log"
     held = {t for targets, _ in records(journal) for t in targets if t.startswith("queue/env/")}
-    assert len(held) == n  # all still pending in the journal: nothing was covered yet
+    on_disk = list((tmp_path / "data" / "queue" / "env").iterdir())
+    if stop == signal.SIGKILL:
+        assert len(held) == n and not on_disk  # all still pending in the journal, no file yet
+    else:
+        assert not held and len(on_disk) == n  # the stop's checkpoint placed them
     with running_server(dest) as remote:
         conf.write_text(conf.read_text().replace(mute_at, "{}:{}".format(*remote.endpoint("smtp"))))
         with serve(conf, ports, 0):
