@@ -421,6 +421,25 @@ def test_a_kill_before_a_queued_removal_is_written_sends_the_item_again(tmp_path
     assert store.data_path(qid).read_bytes() == body
 
 
+def test_a_held_item_deleted_by_the_cli_after_its_checkpoint_is_let_go(tmp_path: Path) -> None:
+    """`queue delete` waits for the checkpoint, which gives the item its files, then removes
+    them: the server finds the item gone and closes its spools (forget); before the checkpoint
+    nothing can have deleted it, and forget keeps it."""
+    store, committer, journal = _journaled_store(tmp_path)
+    try:
+        qid = _enqueue(store, b"Subject: d\r\n\r\ndeleted\r\n")
+        spools = store._spools[qid]
+        store.forget(qid)
+        assert store._spools[qid] == spools and store.exists(qid)
+        journal.checkpoint()
+        assert QueueStore(tmp_path).remove(qid)  # the CLI, another process
+        assert not store.exists(qid)
+        store.forget(qid)
+        assert qid not in store._spools and all(sp.closed and not sp.path.exists() for sp in spools)
+    finally:
+        committer.close()
+
+
 def test_past_the_limit_of_held_items_new_ones_are_placed_at_once(tmp_path: Path) -> None:
     """Each held item keeps two descriptors open: a burst to a slow destination must not run
     the process out of them, so past ``held_max`` an item is put in place as it is accepted."""

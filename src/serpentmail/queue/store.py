@@ -362,7 +362,7 @@ class QueueStore:
         an item already placed)."""
         both = self._spools.pop(qid, None)
         if both is not None and self.journal is not None:
-            with self.journal.lock:
+            with self.journal.place_lock:  # (the event loop: never the lock a flush holds)
                 if any(sp in self.journal.unplaced for sp in both):
                     self._spools[qid] = both  # not placed: nothing can have deleted it
                     return
