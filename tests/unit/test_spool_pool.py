@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from pathlib import Path
@@ -52,22 +51,3 @@ def test_spares_are_made_in_a_thread_and_named_when_taken(tmp_path: Path) -> Non
     assert left == len(pool) > 0
     pool.close()
     assert list(spare_dir.iterdir()) == []
-
-
-def test_the_journal_reads_a_spool_from_memory_and_the_file_when_too_big(tmp_path: Path) -> None:
-    """What the journal appends is what was written: from the chunks kept in memory, or,
-    past MEM_LIMIT, from the file (a reused file's stale tail never comes along)."""
-    from serpentmail.storage import maildir
-
-    small = SpoolFile(tmp_path)
-    small.write(b"Subject: a\r\n")
-    small.write(memoryview(b"\r\nbody\r\n"))
-    os.pwrite(small.fd, b"X", 0)  # not how spools are written: shows which source is read
-    assert maildir._read_spool(small) == b"Subject: a\r\n\r\nbody\r\n"
-    assert small.mem is None  # read once, then only the file
-    assert maildir._read_spool(small) == b"Xubject: a\r\n\r\nbody\r\n"
-    big = SpoolFile(tmp_path)
-    chunk = b"y" * 65536
-    for _ in range(maildir.MEM_LIMIT // len(chunk) + 1):
-        big.write(chunk)
-    assert big.mem is None and maildir._read_spool(big) == chunk * (maildir.MEM_LIMIT // len(chunk) + 1)

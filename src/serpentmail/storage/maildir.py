@@ -63,7 +63,6 @@ from .journal import CHECKPOINT_SECONDS, Entry, Journal, JournalFull
 log = logging.getLogger(__name__)
 
 SUBDIRS = ("tmp", "new", "cur")
-MEM_LIMIT = 256 * 1024  # a spool's bytes kept in memory for the journal up to this size
 _seq = itertools.count(1)
 _PID = [os.getpid()]  # cached (a syscall per message otherwise); refreshed in a forked child
 os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
@@ -91,7 +90,7 @@ def unique_name() -> str:
 class SpoolFile:
     """A temp file being written on the event loop (page-cache writes, no fsync here)."""
 
-    __slots__ = ("closed", "fd", "mem", "name", "path", "size", "stale")
+    __slots__ = ("closed", "fd", "name", "path", "size", "stale")
 
     def __init__(self, tmp_dir: Path, *, reuse: str | None = None) -> None:
         if reuse is None:
@@ -110,10 +109,6 @@ class SpoolFile:
                 raise
         self.size = 0
         self.closed = False
-        # What was written, kept while it is at most MEM_LIMIT octets (references to the
-        # session's chunks, no copy): the journal takes the bytes from here instead of
-        # reading the file back (one system call, and one GIL hand-over, less per file).
-        self.mem: list[bytes] | None = []
 
     @classmethod
     def reuse(cls, path: Path) -> SpoolFile:
@@ -133,12 +128,6 @@ class SpoolFile:
             n = os.write(self.fd, view)
             view = view[n:]
             self.size += n
-        mem = self.mem
-        if mem is not None:
-            if self.size <= MEM_LIMIT:
-                mem.append(data if type(data) is bytes else bytes(data))
-            else:
-                self.mem = None
 
     def discard(self) -> None:
         """Abandon the file (transaction reset, refused message)."""
@@ -360,11 +349,6 @@ class Committer:
 
 
 def _read_spool(spool: SpoolFile) -> bytes:
-    mem, spool.mem = spool.mem, None  # read once: not kept while the file lives on
-    if mem is not None:
-        data = b"".join(mem)
-        if len(data) == spool.size:
-            return data
     data = os.pread(spool.fd, spool.size, 0)
     if len(data) != spool.size:
         raise OSError(f"spool {spool.path} is shorter than written")
@@ -848,7 +832,6 @@ class SpoolPool:
             if keep:
                 spool.stale = max(spool.stale, spool.size)
                 spool.size = 0
-                spool.mem = []
                 self._spares.append(spool)
                 return
         spool.discard()
