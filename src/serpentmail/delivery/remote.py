@@ -241,13 +241,12 @@ class _Chunks:
     async def next(self) -> bytes | None:
         if not self.started:
             self.started = True
-            if self.size_hint <= INLINE_READ and self.fd >= 0:
-                chunk = os.pread(self.fd, self.size_hint + 1, 0)
-                if len(chunk) <= self.size_hint:
-                    return chunk or None  # the whole message in one call, nothing to close
-                self.f, chunk = _open_and_read(self.path, self.size_hint)  # longer than said
-            elif self.size_hint <= INLINE_READ:
-                self.f, chunk = _open_and_read(self.path, self.size_hint)
+            if self.size_hint <= INLINE_READ:
+                if self.fd >= 0:
+                    chunk = os.pread(self.fd, self.size_hint + 1, 0)
+                    if len(chunk) <= self.size_hint:
+                        return chunk or None  # the whole message in one call, nothing to close
+                self.f, chunk = _open_and_read(self.path, self.size_hint)  # (or longer than said)
             else:
                 self.f, chunk = await asyncio.to_thread(_open_and_read, self.path, self.size_hint)
             return chunk or None

@@ -222,10 +222,7 @@ class Committer:
         journal = self.journal
         assert journal is not None
         while not self._stop.wait(CHECKPOINT_SECONDS / 4):
-            try:
-                journal.flush_removals()  # queued by the event loop (QueueStore.remove_now)
-            except OSError:
-                pass
+            journal.flush_removals()  # queued by the event loop (QueueStore.remove_now); never raises
             since = journal.pending_since
             if since is None:
                 continue
