@@ -440,6 +440,24 @@ def test_a_held_item_deleted_by_the_cli_after_its_checkpoint_is_let_go(tmp_path:
         committer.close()
 
 
+def test_an_item_half_journaled_half_committed_by_the_recipe_is_placed_at_once(tmp_path: Path) -> None:
+    """The message fits a journal record and its envelope does not (or the journal filled up
+    between the two jobs): the envelope takes the fsync recipe, so nothing will defer to the
+    checkpoint; the message is linked into place before the 250 and its spool let go."""
+    store, committer, journal = _journaled_store(tmp_path)
+    try:
+        journal.max_record = 100  # the 24-octet message fits, its envelope does not
+        body = b"Subject: s\r\n\r\nsplit\r\n"
+        sp = _spool(store, body)
+        qid = asyncio.run(store.enqueue(sp, "a@b.test", ["x@y.test"])).id
+        assert store.data_path(qid).read_bytes() == body
+        assert EnvelopeRecord.from_json(store.env_path(qid).read_bytes()).id == qid
+        assert not store._spools and not journal.unplaced
+        assert sp.closed and not sp.path.exists()
+    finally:
+        committer.close()
+
+
 def test_past_the_limit_of_held_items_new_ones_are_placed_at_once(tmp_path: Path) -> None:
     """Each held item keeps two descriptors open: a burst to a slow destination must not run
     the process out of them, so past ``held_max`` an item is put in place as it is accepted."""

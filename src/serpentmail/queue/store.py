@@ -328,8 +328,9 @@ class QueueStore:
             if defer:
                 self._spools[qid] = (spool, env_spool)
         elif defer and journal is not None:
-            # One file took the journal, the other the recipe (it cannot happen with today's
-            # sizes, but if it did): the deferred one is placed now and its temp name let go.
+            # One file took the journal, the other the recipe (the two jobs may land in two
+            # batches, the second one finding the journal full; or an envelope bigger than a
+            # journal record): the deferred one is placed now and its temp name let go.
             await loop.run_in_executor(None, self._settle, (spool, env_spool))
         return record
 
