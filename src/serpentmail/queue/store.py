@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..storage.fsutil import fsync_dir, write_durably
-from ..storage.journal import REMOVED, JournalFull, records
+from ..storage.journal import REMOVED, JournalFull, pending_records
 from ..storage.maildir import (
     Committer,
     Recycler,
@@ -409,20 +409,14 @@ class QueueStore:
         envs: dict[str, bytes] = {}
         datas: dict[str, bytes] = {}
         removed: set[str] = set()
-        directory = self.data_dir / "journal"
-        paths = sorted(directory.glob("*.log")) if directory.is_dir() else []
-        for path in paths:
-            try:
-                for targets, content in records(path):
-                    for t in targets:
-                        if t.startswith(REMOVED):
-                            removed.add(t[len(REMOVED):])
-                        elif t.startswith("queue/env/") and t.endswith(".json"):
-                            envs[t[len("queue/env/"):-len(".json")]] = content
-                        elif t.startswith("queue/data/"):
-                            datas[t[len("queue/data/"):]] = content
-            except (OSError, ValueError):
-                continue
+        for targets, content in pending_records(self.data_dir):
+            for t in targets:
+                if t.startswith(REMOVED):
+                    removed.add(t[len(REMOVED):])
+                elif t.startswith("queue/env/") and t.endswith(".json"):
+                    envs[t[len("queue/env/"):-len(".json")]] = content
+                elif t.startswith("queue/data/"):
+                    datas[t[len("queue/data/"):]] = content
         return {q: (env, datas[q]) for q, env in envs.items()
                 if q in datas and f"queue/env/{q}.json" not in removed and valid_id(q)}
 

@@ -380,21 +380,23 @@ def records(path: Path) -> Iterator[tuple[list[str], bytes]]:
         os.close(fd)
 
 
-def pending_targets(root: Path) -> set[str]:
-    """The targets (relative to ``root``) of every record a journal under ``root/journal`` still
-    lists as pending. Cheap when nothing is pending (two reads per journal file): an idle
-    journal's header points at no record of its generation."""
-    out: set[str] = set()
+def pending_records(root: Path) -> Iterator[tuple[list[str], bytes]]:
+    """:func:`records` of every journal under ``root/journal`` (a file that cannot be read is
+    skipped). Cheap when nothing is pending (two reads per journal file): an idle journal's
+    header points at no record of its generation."""
     directory = root / "journal"
     if not directory.is_dir():
-        return out
-    for path in directory.glob("*.log"):
+        return
+    for path in sorted(directory.glob("*.log")):
         try:
-            for targets, _content in records(path):
-                out.update(targets)
+            yield from records(path)
         except (OSError, ValueError):
             continue
-    return out
+
+
+def pending_targets(root: Path) -> set[str]:
+    """The targets (relative to ``root``) of every record a journal still lists as pending."""
+    return {t for targets, _content in pending_records(root) for t in targets}
 
 
 def wait_checkpointed(root: Path, targets: set[str], own: Journal | None, timeout: float) -> set[str]:
