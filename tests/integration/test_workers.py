@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from serpentmail.accounts.db import AccountDB
+from serpentmail.config import Config
 from tests.helpers import (
     add_user,
     free_port,
@@ -68,6 +69,22 @@ auth_failure_delay = "0.05s"
     db.add_user("bill@w.test", "billpw")
     db.close()
     return path, ports
+
+
+def _tls() -> ssl.SSLContext:
+    """A client context for the test servers' self-signed certificates."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _remote_dest(tmp_path: Path) -> Config:
+    """Another organisation's server (its own data directory on REMOTE) with one user,
+    joe@r.test, for the relay to deliver to."""
+    dest = make_config(tmp_path / "dest", REMOTE, listeners=("smtp",), hostname="mx.r.test")
+    add_user(dest, "joe@r.test")
+    return dest
 
 
 def _children(pid: int) -> set[int]:
@@ -194,11 +211,8 @@ def test_a_killed_worker_is_replaced_and_mail_keeps_flowing(tmp_path: Path, whic
 
 
 def test_mail_queued_by_any_worker_reaches_the_remote_host(tmp_path: Path) -> None:
-    dest = make_config(tmp_path / "dest", REMOTE, listeners=("smtp",), hostname="mx.r.test")
-    add_user(dest, "joe@r.test")
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
+    dest = _remote_dest(tmp_path)
+    ctx = _tls()
     with running_server(dest) as remote:
         conf, ports = _conf(tmp_path, workers=2, relay=remote.endpoint("smtp"))
         with serve(conf, ports, 2) as proc:
@@ -223,17 +237,14 @@ def test_each_worker_retries_its_own_deferred_mail_and_queue_flush_reaches_them_
     from serpentmail.cli import main
     from serpentmail.queue.store import QueueStore, owner_of
 
-    dest = make_config(tmp_path / "dest", REMOTE, listeners=("smtp",), hostname="mx.r.test")
-    add_user(dest, "joe@r.test")
+    dest = _remote_dest(tmp_path)
     ep = dest.smtp.listen[0]
     conf, ports = _conf(tmp_path, workers=2, relay=(ep.host, ep.port),
                         delivery='retry_schedule = ["1h"]\nconnect_timeout = "2s"')
     queue = QueueStore(tmp_path / "data")
     n = 24
     with serve(conf, ports, 2):
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
+        ctx = _tls()
         # Many connections at once, so the kernel spreads them over both workers (a lone one
         # goes to the last worker: server/steering.py). Nobody listens at the destination yet:
         # every message is deferred.
@@ -268,15 +279,12 @@ def test_a_worker_started_again_takes_up_its_share_of_the_queue(tmp_path: Path) 
     place loads the same share of the queue and delivers it, once."""
     from serpentmail.cli import main
 
-    dest = make_config(tmp_path / "dest", REMOTE, listeners=("smtp",), hostname="mx.r.test")
-    add_user(dest, "joe@r.test")
+    dest = _remote_dest(tmp_path)
     ep = dest.smtp.listen[0]
     conf, ports = _conf(tmp_path, workers=2, relay=(ep.host, ep.port),
                         delivery='retry_schedule = ["1h"]\nconnect_timeout = "2s"')
     env = tmp_path / "data" / "queue" / "env"
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
+    ctx = _tls()
     n = 5
     with serve(conf, ports, 2) as proc:
         with smtplib.SMTP(HOST, ports["submission"], timeout=10) as s:  # a lone client: the last worker
@@ -349,9 +357,7 @@ def test_limits_count_for_the_whole_server_not_per_worker(tmp_path: Path) -> Non
     """Connections per IP and failed logins are shared between the workers (server/peers.py):
     whichever process takes the next connection, the client meets the same limits."""
     conf, ports = _conf(tmp_path, workers=2, limits="max_connections_per_ip = 4\nauth_max_failures = 3")
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
+    ctx = _tls()
     with serve(conf, ports, 2):
         # serve() probed the port until the workers existed; those probe connections count
         # (from this same address) until the workers have seen them close.
@@ -474,11 +480,8 @@ def test_relayed_mail_is_not_sent_again_after_a_kill_right_after_delivery(tmp_pa
     removals, not send the mail again, and must lose nothing that was acknowledged."""
     from serpentmail.storage.journal import records
 
-    dest = make_config(tmp_path / "dest", REMOTE, listeners=("smtp",), hostname="mx.r.test")
-    add_user(dest, "joe@r.test")
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
+    dest = _remote_dest(tmp_path)
+    ctx = _tls()
     n = 30
     with running_server(dest) as remote:
         conf, ports = _conf(tmp_path, workers=1, relay=remote.endpoint("smtp"))
@@ -518,11 +521,8 @@ def test_relayed_mail_held_only_in_the_journal_survives_a_stop(tmp_path: Path, s
     way every message is delivered once."""
     from serpentmail.storage.journal import records
 
-    dest = make_config(tmp_path / "dest", REMOTE, listeners=("smtp",), hostname="mx.r.test")
-    add_user(dest, "joe@r.test")
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
+    dest = _remote_dest(tmp_path)
+    ctx = _tls()
     n = 5
     with socket.socket() as mute:  # accepts connections (the backlog does) and never says a word
         mute.bind((REMOTE, 0))
