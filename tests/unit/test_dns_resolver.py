@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -155,11 +156,22 @@ def _cached_resolver(port: int, clock: _Clock, cache_max_ttl: float = 3600.0) ->
     return DNSResolver([Endpoint(HOST, port)], 1.0, random.Random(0), cache_max_ttl=cache_max_ttl, clock=clock)
 
 
+@contextlib.asynccontextmanager
+async def _serving(*servers: DNSServer) -> AsyncIterator[None]:
+    """Start the sandbox DNS servers on this event loop, stop them at the end."""
+    for server in servers:
+        await server.start()
+    try:
+        yield
+    finally:
+        for server in servers:
+            await server.stop()
+
+
 def test_answers_are_cached_for_their_ttl_and_asked_again_after() -> None:
     async def main() -> None:
         server = DNSServer(HOST, 0, ZONES, ttl=60, negative_ttl=60)  # the AAAA is a NODATA
-        await server.start()
-        try:
+        async with _serving(server):
             clock = _Clock()
             r = _cached_resolver(server.port, clock)
             first = await r.resolve_mx("winview.test")
@@ -175,8 +187,6 @@ def test_answers_are_cached_for_their_ttl_and_asked_again_after() -> None:
             clock.now += 2
             assert (await r.resolve_mx("winview.test")).exchangers[0].addresses == ("127.0.5.7",)
             assert len(server.queries) == asked + 3
-        finally:
-            await server.stop()
 
     asyncio.run(main())
 
@@ -185,9 +195,7 @@ def test_ttl_zero_and_a_zero_cap_are_never_cached() -> None:
     async def main() -> None:
         server = DNSServer(HOST, 0, ZONES)  # the sandbox's TTL 0: its table may change any time
         capped = DNSServer(HOST, 0, ZONES, ttl=60)
-        await server.start()
-        await capped.start()
-        try:
+        async with _serving(server, capped):
             clock = _Clock()
             for srv, r in ((server, _cached_resolver(server.port, clock)),
                            (capped, _cached_resolver(capped.port, clock, cache_max_ttl=0))):
@@ -196,9 +204,6 @@ def test_ttl_zero_and_a_zero_cap_are_never_cached() -> None:
                 assert (await r.resolve_mx("winview.test")).exchangers[0].addresses == ("127.0.5.8",)
                 assert len(srv.queries) == 6 and r.cache_hits == 0
                 srv.zones["mx1.winview.test"]["A"] = ["127.0.5.2"]
-        finally:
-            await server.stop()
-            await capped.stop()
 
     asyncio.run(main())
 
@@ -207,9 +212,7 @@ def test_negative_answers_are_cached_for_the_soa_minimum_only_when_a_soa_came() 
     async def main() -> None:
         with_soa = DNSServer(HOST, 0, ZONES, ttl=60, negative_ttl=30)
         without = DNSServer(HOST, 0, ZONES, ttl=60)
-        await with_soa.start()
-        await without.start()
-        try:
+        async with _serving(with_soa, without):
             clock = _Clock()
             r = _cached_resolver(with_soa.port, clock)
             assert (await r.resolve_mx("nowhere.test")).kind == "nxdomain"
@@ -228,9 +231,6 @@ def test_negative_answers_are_cached_for_the_soa_minimum_only_when_a_soa_came() 
             assert (await plain.resolve_mx("nowhere.test")).kind == "nxdomain"
             without.add_mx("nowhere.test", 10, "mx1.winview.test")
             assert (await plain.resolve_mx("nowhere.test")).kind == "mx"  # no SOA: not cached
-        finally:
-            await with_soa.stop()
-            await without.stop()
 
     asyncio.run(main())
 
@@ -238,8 +238,7 @@ def test_negative_answers_are_cached_for_the_soa_minimum_only_when_a_soa_came() 
 def test_temporary_failures_are_not_cached_and_concurrent_questions_share_one_query() -> None:
     async def main() -> None:
         server = DNSServer(HOST, 0, ZONES, ttl=60)
-        await server.start()
-        try:
+        async with _serving(server):
             clock = _Clock()
             r = _cached_resolver(server.port, clock)
             server.set_mode("winview.test", "servfail")
@@ -250,8 +249,6 @@ def test_temporary_failures_are_not_cached_and_concurrent_questions_share_one_qu
             assert {res.kind for res in results} == {"mx"}
             assert sorted(server.queries) == [("mx1.winview.test", "A"), ("mx1.winview.test", "AAAA"),
                                               ("winview.test", "MX")]
-        finally:
-            await server.stop()
 
     asyncio.run(main())
 
@@ -261,8 +258,7 @@ def test_close_cancels_the_questions_in_flight() -> None:
     task left pending when the loop closes), and the delivery waiting on it is told so."""
     async def main() -> None:
         server = DNSServer(HOST, 0, ZONES, ttl=60)
-        await server.start()
-        try:
+        async with _serving(server):
             server.set_mode("winview.test", "timeout")
             r = _cached_resolver(server.port, _Clock())
             lookup = asyncio.ensure_future(r.resolve_mx("winview.test"))
@@ -273,7 +269,5 @@ def test_close_cancels_the_questions_in_flight() -> None:
             with pytest.raises(asyncio.CancelledError):
                 await lookup
             assert task.cancelled() and not r._asking and not r._cache
-        finally:
-            await server.stop()
 
     asyncio.run(main())
