@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -173,7 +174,7 @@ def test_may_send_as_agrees_with_addresses_of(db: AccountDB) -> None:
         assert {c for c in candidates if db.may_send_as(user, c)} == owned & set(candidates)
     assert db.addresses_of(bill) == {"bill@winview.test", "info@winview.test", "chain@winview.test",
                                      "both@winview.test", "via-catchall@winview.test"}
-    db.del_alias("info@winview.test")  # takes effect at once (no cache)
+    db.del_alias("info@winview.test")  # takes effect at once (the change stamp moved)
     assert not db.may_send_as(bill, "info@winview.test")
 
 
@@ -186,6 +187,50 @@ def test_changes_visible_to_another_connection(db: AccountDB, tmp_path: Path) ->
     assert not other.resolve(addr("new@winview.test")).exists
     with pytest.raises(AccountError, match="no such user"):
         db.del_user("new@winview.test")
+
+
+def test_remembered_lookups_follow_another_process_changes(db: AccountDB, tmp_path: Path) -> None:
+    """The server's AccountDB remembers lookups; a change through another AccountDB (the CLI,
+    another process) is seen by the next lookup: password, alias, sender check, deletion."""
+    server = AccountDB(tmp_path / "accounts.sqlite3")
+    cli = AccountDB(tmp_path / "accounts.sqlite3")
+    bill = cli.add_user("bill@winview.test", "old")
+    assert verify_password(server.password_hash("bill@winview.test")[1], "old")
+    assert not server.may_send_as(bill, "info@winview.test")
+    assert server.resolve(addr("info@winview.test")).users == ()
+    cli.set_password("bill@winview.test", "new")
+    cli.add_alias("info@winview.test", "bill@winview.test")
+    assert verify_password(server.password_hash("bill@winview.test")[1], "new")
+    assert server.may_send_as(bill, "info@winview.test")
+    assert server.resolve(addr("Info@WinView.test")).users == (bill,)
+    cli.del_user("bill@winview.test")
+    assert server.password_hash("bill@winview.test") == (None, None)
+    assert not server.resolve(addr("bill@winview.test")).exists
+
+
+def test_change_around_serpentmail_needs_the_stamp_touched(db: AccountDB, tmp_path: Path) -> None:
+    """What the cache is: a write that bypasses AccountDB (the sqlite3 shell) is not seen
+    until the stamp file is touched; then it is."""
+    path = tmp_path / "accounts.sqlite3"
+    stamp = tmp_path / "accounts.sqlite3-stamp"
+    assert stamp.exists()
+    assert not db.resolve(addr("raw@winview.test")).exists
+    raw = sqlite3.connect(path)
+    with raw:
+        raw.execute("INSERT INTO users(address, domain_id, password_hash) "
+                    "SELECT 'raw@winview.test', id, 'x' FROM domains WHERE name='winview.test'")
+    raw.close()
+    assert not db.resolve(addr("raw@winview.test")).exists  # remembered
+    os.utime(stamp, ns=(stamp.stat().st_mtime_ns + 10**9,) * 2)
+    assert db.resolve(addr("raw@winview.test")).exists
+
+
+def test_remembered_lookups_are_bounded(db: AccountDB) -> None:
+    from serpentmail.accounts import db as dbmod
+
+    for i in range(dbmod.CACHE_MAX + 5):
+        assert not db.resolve(addr(f"nobody{i}@winview.test")).exists
+    assert len(db._cache) <= dbmod.CACHE_MAX
 
 
 def test_passwd(db: AccountDB) -> None:

@@ -6,25 +6,39 @@ Invariants:
   project's default, so is the local part. Lookups lower-case their input the same way.
 * A user's mailbox directory is derived from the user's numeric id (``mail/<id>``), never from
   text a client sent.
-* Every CLI change is a committed transaction, and a running server queries the database on
-  each lookup, so changes take effect without a restart.
+* Every CLI change is a committed transaction, and changes take effect in a running server
+  without a restart. The server remembers its lookups (:meth:`AccountDB.resolve`,
+  :meth:`AccountDB.may_send_as`, :meth:`AccountDB.password_hash`), each tagged with the
+  change stamp it was made under: a file beside the database (``<db>-stamp``) whose
+  modification time every write transaction sets to a new value, before it begins and after
+  it commits. A lookup costs one ``stat`` of the stamp while nothing changes, and the first
+  lookup after a change queries the database again. A change made around serpentmail (the
+  ``sqlite3`` shell) takes effect once something touches the stamp (``touch <db>-stamp``).
 * Password hashes are argon2id; verification is a blocking call the server runs off the event
   loop (:meth:`AccountDB.password_hash` on the loop, :func:`verify_password` in a thread).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from ..proto.address import Address, AddressError, parse_mailbox
+
+# Remembered lookups per AccountDB: past this many, they are all dropped (a client trying
+# random recipients must not grow the process without bound).
+CACHE_MAX = 8192
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS domains (
@@ -134,7 +148,15 @@ class AccountDB:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        self._stamp = path.with_name(path.name + "-stamp")
+        # key -> (the stamp's state when the answer was read, the answer). An entry is used
+        # only while the stamp is unchanged, so threads sharing this object need no lock.
+        self._cache: dict[tuple[str, str], tuple[tuple[int, int, int] | None, object]] = {}
         self._db.executescript(_SCHEMA)
+        if not self._stamp.exists():
+            # Created here, so a lookup's stat finds it (a missing stamp works, more slowly).
+            with contextlib.suppress(OSError):
+                os.close(os.open(self._stamp, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -156,6 +178,10 @@ class AccountDB:
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         db = self._db
+        # The stamp moves before the change (a server's lookup that reads the old data from
+        # here on is tagged with a state that is about to end) and after the commit (so the
+        # state such a lookup saw never comes back).
+        self._bump()
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
@@ -163,6 +189,43 @@ class AccountDB:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+        self._bump()
+
+    # --- the change stamp ------------------------------------------------------------------
+
+    def _stamp_state(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self._stamp)
+        except OSError:
+            return None
+        # The ctime too: the kernel sets it at each utime() and no caller can set it back.
+        return st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+    def _bump(self) -> None:
+        """Give the stamp a modification time it has not had (created if missing)."""
+        state = self._stamp_state()
+        if state is None:
+            fd = os.open(self._stamp, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            os.close(fd)
+            prev = 0
+        else:
+            prev = state[0]
+        t = max(time.time_ns(), prev + 1)
+        os.utime(self._stamp, ns=(t, t))
+
+    def _cached(self, key: tuple[str, str]) -> tuple[tuple[int, int, int] | None, object | None]:
+        """(the stamp's state now, the answer remembered under it or None)."""
+        state = self._stamp_state()
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] == state:
+            return state, hit[1]
+        return state, None
+
+    def _remember(self, key: tuple[str, str], state: tuple[int, int, int] | None, answer: object) -> None:
+        cache = self._cache
+        if len(cache) >= CACHE_MAX:
+            cache.clear()
+        cache[key] = (state, answer)
 
     # --- domains -------------------------------------------------------------------------
 
@@ -258,12 +321,16 @@ class AccountDB:
 
     def password_hash(self, address: str) -> tuple[User | None, str | None]:
         """The user and stored hash for a login name (both None if there is no such user)."""
+        ckey = ("pw", address.lower())
+        state, hit = self._cached(ckey)
+        if hit is not None:
+            return cast(tuple[User | None, str | None], hit)
         row = self._db.execute(
-            "SELECT id, address, password_hash FROM users WHERE address=?", (address.lower(),)
+            "SELECT id, address, password_hash FROM users WHERE address=?", (ckey[1],)
         ).fetchone()
-        if row is None:
-            return None, None
-        return User(int(row[0]), row[1]), str(row[2])
+        answer: tuple[User | None, str | None] = (None, None) if row is None else (User(int(row[0]), row[1]), str(row[2]))
+        self._remember(ckey, state, answer)
+        return answer
 
     # --- aliases -------------------------------------------------------------------------
 
@@ -299,8 +366,18 @@ class AccountDB:
 
     # --- resolution ----------------------------------------------------------------------
 
-    def resolve(self, address: Address, *, depth: int = 0) -> Resolution:
-        """Expand ``address`` into local users and remote targets (aliases followed 10 deep)."""
+    def resolve(self, address: Address) -> Resolution:
+        """Expand ``address`` into local users and remote targets (aliases followed 10 deep).
+        Runs per RCPT: answered from memory while the change stamp is unchanged."""
+        ckey = ("rcpt", address.key + "\x00" + address.domain)
+        state, hit = self._cached(ckey)
+        if hit is not None:
+            return cast(Resolution, hit)
+        answer = self._resolve(address, 0)
+        self._remember(ckey, state, answer)
+        return answer
+
+    def _resolve(self, address: Address, depth: int) -> Resolution:
         key = address.key
         domain = address.domain.lower().rstrip(".")  # the catch-all key below is lower-case
         db = self._db
@@ -320,7 +397,7 @@ class AccountDB:
         for target in targets:
             local, _, tdomain = target.rpartition("@")
             if depth < 10 and self.is_local_domain(tdomain):
-                sub = self.resolve(Address(local, tdomain), depth=depth + 1)
+                sub = self._resolve(Address(local, tdomain), depth + 1)
                 for u in sub.users:
                     users[u.id] = u
                 remote.extend(r for r in sub.remote if r not in remote)
@@ -337,17 +414,25 @@ class AccountDB:
         """
         if key == user.address:
             return True
-        if key.startswith("@") or self._db.execute(
-                "SELECT 1 FROM aliases WHERE address=? LIMIT 1", (key,)).fetchone() is None:
+        if key.startswith("@"):
             return False
-        local, _, domain = key.rpartition("@")
-        return any(u.id == user.id for u in self.resolve(Address(local, domain)).users)
+        ckey = ("send", f"{user.id}:{key}")
+        state, hit = self._cached(ckey)
+        if hit is not None:
+            return hit is True
+        if self._db.execute("SELECT 1 FROM aliases WHERE address=? LIMIT 1", (key,)).fetchone() is None:
+            ok = False
+        else:
+            local, _, domain = key.rpartition("@")
+            ok = any(u.id == user.id for u in self._resolve(Address(local, domain), 0).users)
+        self._remember(ckey, state, ok)
+        return ok
 
     def addresses_of(self, user: User) -> set[str]:
         """Every address that delivers to ``user``: its own and the aliases pointing at it."""
         out = {user.address}
         for (alias,) in self._db.execute("SELECT DISTINCT address FROM aliases WHERE address NOT LIKE '@%'"):
             local, _, domain = alias.rpartition("@")
-            if alias not in out and any(u.id == user.id for u in self.resolve(Address(local, domain)).users):
+            if alias not in out and any(u.id == user.id for u in self._resolve(Address(local, domain), 0).users):
                 out.add(alias)
         return out
