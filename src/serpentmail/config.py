@@ -82,6 +82,9 @@ class LimitsConfig:
     auth_max_failures: int = 5  # per IP or account, within auth_failure_window
     auth_failure_window: float = 300.0
     auth_cooldown: float = 300.0
+    # A successful login is remembered this long (0 = never): the same password for the same
+    # stored hash is then checked by a keyed SHA-256, not argon2 (server/context.py).
+    auth_cache_ttl: float = 300.0
     submission_max_recipients: int = 50  # per message, for authenticated users
     submission_max_messages_per_hour: int = 200
 
@@ -287,6 +290,7 @@ _SECTIONS: dict[str, dict[str, Any]] = {
         "auth_max_failures": _int,
         "auth_failure_window": parse_duration,
         "auth_cooldown": parse_duration,
+        "auth_cache_ttl": parse_duration,
         "submission_max_recipients": _int,
         "submission_max_messages_per_hour": _int,
     },
