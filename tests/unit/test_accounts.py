@@ -225,6 +225,17 @@ def test_change_around_serpentmail_needs_the_stamp_touched(db: AccountDB, tmp_pa
     assert db.resolve(addr("raw@winview.test")).exists
 
 
+def test_a_removed_stamp_is_made_again_by_the_next_change(db: AccountDB, tmp_path: Path) -> None:
+    stamp = tmp_path / "accounts.sqlite3-stamp"
+    server = AccountDB(tmp_path / "accounts.sqlite3")
+    assert not server.resolve(addr("late@winview.test")).exists
+    stamp.unlink()
+    assert not server.resolve(addr("late@winview.test")).exists
+    db.add_user("late@winview.test", "pw")
+    assert stamp.exists()
+    assert server.resolve(addr("late@winview.test")).exists
+
+
 def test_remembered_lookups_are_bounded(db: AccountDB) -> None:
     from serpentmail.accounts import db as dbmod
 

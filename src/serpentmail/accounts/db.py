@@ -189,7 +189,8 @@ class AccountDB:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
-        self._bump()
+        with contextlib.suppress(AccountError):  # committed: the first bump did work a moment ago
+            self._bump()
 
     # --- the change stamp ------------------------------------------------------------------
 
@@ -202,16 +203,27 @@ class AccountDB:
         return st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
     def _bump(self) -> None:
-        """Give the stamp a modification time it has not had (created if missing)."""
+        """Give the stamp a modification time it has not had (created if missing).
+
+        Setting an explicit time needs the file's owner; another user who may write the
+        database (and so its directory) puts a fresh file in its place instead, whose inode
+        number is new. Failing both, nothing is changed: the caller's transaction has not
+        begun (or has committed, and the first bump already told the servers)."""
         state = self._stamp_state()
-        if state is None:
-            fd = os.open(self._stamp, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            os.close(fd)
-            prev = 0
-        else:
-            prev = state[0]
-        t = max(time.time_ns(), prev + 1)
-        os.utime(self._stamp, ns=(t, t))
+        try:
+            if state is None:
+                os.close(os.open(self._stamp, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+                state = self._stamp_state()
+            t = max(time.time_ns(), (state[0] if state else 0) + 1)
+            try:
+                os.utime(self._stamp, ns=(t, t))
+            except PermissionError:
+                fresh = self._stamp.with_name(f"{self._stamp.name}.{os.getpid()}")
+                os.close(os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644))
+                os.replace(fresh, self._stamp)
+        except OSError as exc:
+            raise AccountError(f"cannot update {self._stamp} (running servers would not see the change): "
+                               f"{exc.strerror or exc}") from exc
 
     def _cached(self, key: tuple[str, str]) -> tuple[tuple[int, int, int] | None, object | None]:
         """(the stamp's state now, the answer remembered under it or None)."""
