@@ -210,6 +210,26 @@ def test_a_killed_worker_is_replaced_and_mail_keeps_flowing(tmp_path: Path, whic
     assert "worker died, restarting" in (tmp_path / "serve.log").read_text()
 
 
+def test_each_worker_makes_its_spool_files_in_its_own_directory(tmp_path: Path) -> None:
+    """tmp/spare/w0 and w1: no directory lock shared between the processes when they create
+    files, and a replaced worker empties its own directory of what its predecessor left."""
+    conf, ports = _conf(tmp_path, workers=2)
+    spare = tmp_path / "data" / "tmp" / "spare"
+    with serve(conf, ports, 2) as proc:
+        for i in range(20):
+            with smtplib.SMTP(HOST, ports["smtp"], timeout=10) as s:
+                s.sendmail("x@else.test", ["bill@w.test"], f"Subject: {i}\r\n\r\nx\r\n".encode())
+        assert _count(_maildir(tmp_path)) == 20
+        assert sorted(p.name for p in spare.iterdir()) == ["w0", "w1"]  # no file of its own
+        assert _count(spare / "w0") + _count(spare / "w1") > 0  # the pools' ready files
+        left = spare / "w0" / "left.by.the.dead"
+        left.write_bytes(b"x")
+        first = min(_children(proc.pid))  # forked in order: worker 0
+        os.kill(first, signal.SIGKILL)
+        _wait(lambda: first not in _children(proc.pid) and len(_children(proc.pid)) == 2)
+        _wait(lambda: not left.exists())
+
+
 def test_mail_queued_by_any_worker_reaches_the_remote_host(tmp_path: Path) -> None:
     dest = _remote_dest(tmp_path)
     ctx = _tls()

@@ -131,6 +131,10 @@ class ServerContext:
     recycler: Recycler | None = None
     _known_maildirs: dict[int, Path] = field(default_factory=dict)  # user id -> ensured maildir
     login_cache: LoginCache = field(init=False)
+    # Where this process makes its spool files, under data_dir/tmp: each worker has its own
+    # directory (server/run.py), so two processes never wait for one directory's lock to
+    # create a file, and a restarted worker can empty its own.
+    spare_name: str = "spare"
 
     def __post_init__(self) -> None:
         lim = self.config.limits
@@ -139,11 +143,12 @@ class ServerContext:
         self.login_cache = LoginCache(lim.auth_cache_ttl)
         self._tmp_dir = self.config.data_dir / "tmp"  # built once: path joins showed in the profile
         self._tmp_dir.mkdir(parents=True, exist_ok=True)
-        # Spool files made ahead, off the event loop, in tmp/spare/, and used where they are
-        # (named when taken; renaming each into tmp/ cost ~0.25 ms of event-loop time per
-        # message in the inbound profile). Both directories are emptied at start.
-        (self._tmp_dir / "spare").mkdir(exist_ok=True)
-        self.spools = SpoolPool(self._tmp_dir / "spare", recycler=self.recycler)
+        # Spool files made ahead, off the event loop, in tmp/<spare_name>/, and used where they
+        # are (named when taken; renaming each into tmp/ cost ~0.25 ms of event-loop time per
+        # message in the inbound profile). Emptied at start.
+        spare = self._tmp_dir / self.spare_name
+        spare.mkdir(parents=True, exist_ok=True)
+        self.spools = SpoolPool(spare, recycler=self.recycler)
 
     @property
     def tmp_dir(self) -> Path:

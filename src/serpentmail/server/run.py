@@ -113,6 +113,8 @@ def _prepare_locked(cfg: Config) -> None:
         (cfg.data_dir / sub).mkdir(parents=True, exist_ok=True)
     clean_tmp(cfg.data_dir / "tmp")
     clean_tmp(cfg.data_dir / "tmp" / "spare")
+    for worker_spare in (cfg.data_dir / "tmp" / "spare").glob("w*"):
+        clean_tmp(worker_spare)
     clean_tmp(cfg.data_dir / "tmp" / "recycled")
     # Before anything can read a mailbox: what a crash left half-placed is made whole.
     replay_all(cfg.data_dir)
@@ -196,7 +198,14 @@ class Server:
                 journal = Journal(cfg.data_dir / "journal" / f"w{self.worker_index}.log", cfg.data_dir)
             except (OSError, ValueError) as exc:
                 raise StartupError(f"cannot open the delivery journal: {exc}") from exc
-        self.ctx = ServerContext(cfg, accounts, Committer(journal=journal), tls, recycler=recycler)
+        spare_name = "spare"
+        if self.worker_count > 1:
+            spare_name = f"spare/w{self.worker_index}"
+            # What a predecessor of this worker (one that died) left there: its content, if
+            # it was a message, is in the journals, whose replay does not read spool files.
+            clean_tmp(cfg.data_dir / "tmp" / spare_name)
+        self.ctx = ServerContext(cfg, accounts, Committer(journal=journal), tls, recycler=recycler,
+                                 spare_name=spare_name)
         if self.worker_count > 1:
             self.ctx.cpu_pin = CpuPin.for_worker(self.worker_index)
         steering: Steering | None = None
