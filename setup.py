@@ -8,6 +8,9 @@ C compiler builds each as an extension module beside its ``.py`` source, which s
 package: Python imports the extension first. The code is the same; it runs with fewer
 interpreter steps per protocol command (measured in bench/README.md).
 
+Beside them it builds one small hand-written C module, ``serpentmail._scan`` (DATA's bare
+CR/LF check in one memchr pass; see src/serpentmail/_scan.c), under the same rules.
+
 Nothing depends on it. The modules run as ordinary Python when:
 
 * ``SERPENTMAIL_PURE=1`` is set at install time;
@@ -77,7 +80,7 @@ class _MypycBuildExt(build_ext):
         # sources: run mypyc for a command that builds, not for those.
         building = bool(set(self.distribution.commands) & _BUILDING)
         if not self.distribution.ext_modules and building and not _pure() and not editable:
-            self.distribution.ext_modules = _mypycify()
+            self.distribution.ext_modules = [*_mypycify(), _scan_extension()]
         super().finalize_options()
 
     def run(self) -> None:
@@ -133,6 +136,14 @@ def _parallel_compile(compiler: Any, sources: list[str], output_dir: str | None 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         list(pool.map(one, [o for o in objects if o in build]))
     return list(objects)
+
+
+def _scan_extension() -> Any:
+    """serpentmail._scan: DATA's bare CR/LF check in C (src/serpentmail/_scan.c), built with
+    the mypyc modules and, like them, optional (proto/smtp_server.py falls back to Python)."""
+    from setuptools import Extension
+
+    return Extension("serpentmail._scan", ["src/serpentmail/_scan.c"])
 
 
 def _mypycify() -> list[Any]:

@@ -25,6 +25,7 @@ import base64
 import binascii
 import re
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
@@ -173,6 +174,20 @@ _HEADER_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.MULTILINE)
 _LONG_LINE_FLUSH = 64 * 1024  # emit content of a very long DATA line in pieces this big
 _MAX_HEADER_TRACK = 1024 * 1024  # stop tracking header fields after this many octets
 _DOT_WINDOW = 4096  # see _find_line_dot
+
+
+def _has_bare_newline_py(chunk: bytes) -> bool:
+    """A CR or LF that is not part of a CRLF (RFC 5321 §2.3.8; SMTP smuggling). Each of CR and
+    LF occurs at least as often as CRLF, so they all pair up exactly when their total is
+    twice the CRLF count: two scans (the deletion and the count), not three."""
+    return len(chunk) - len(chunk.translate(None, b"\r\n")) != 2 * chunk.count(b"\r\n")
+
+
+_has_bare_newline: Callable[[bytes], bool]
+try:  # the same check in one pass of memchr, when setup.py could build it
+    from .._scan import bare_newline as _has_bare_newline
+except ImportError:
+    _has_bare_newline = _has_bare_newline_py
 
 
 def _take(buf: bytearray, n: int) -> bytes:
@@ -817,12 +832,8 @@ class SMTPServerConnection:
         self._content(chunk)
 
     def _check_newlines(self, chunk: bytes) -> None:
-        """Note a CR or LF that is not part of a CRLF (RFC 5321 §2.3.8; SMTP smuggling). Each
-        of CR and LF occurs at least as often as CRLF, so they all pair up exactly when their
-        total is twice the CRLF count: two scans (the deletion and the count), not three."""
-        if self._bare_newline:
-            return
-        if len(chunk) - len(chunk.translate(None, b"\r\n")) != 2 * chunk.count(b"\r\n"):
+        """Note a CR or LF that is not part of a CRLF (RFC 5321 §2.3.8; SMTP smuggling)."""
+        if not self._bare_newline and _has_bare_newline(chunk):
             self._bare_newline = True
 
     def _check_chunk_newlines(self, piece: bytes) -> None:

@@ -1,0 +1,3 @@
+# Type information for the optional C module built from _scan.c (setup.py).
+
+def bare_newline(data: bytes | bytearray | memoryview, /) -> bool: ...
