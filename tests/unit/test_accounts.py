@@ -236,6 +236,42 @@ def test_a_removed_stamp_is_made_again_by_the_next_change(db: AccountDB, tmp_pat
     assert server.resolve(addr("late@winview.test")).exists
 
 
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to act as another user")
+def test_a_stamp_another_user_owns_is_replaced_by_the_writer() -> None:
+    """The CLI run as another user than the one who made the stamp cannot set its time
+    (utime with explicit times needs the owner): it puts a fresh stamp in its place, and
+    the server still sees the change."""
+    import shutil
+    import tempfile
+
+    where = Path(tempfile.mkdtemp(prefix="serpentmail-stamp-"))  # not under pytest's 0700 tmp
+    try:
+        where.chmod(0o777)
+        path = where / "accounts.sqlite3"
+        server = AccountDB(path)
+        server.add_domain("winview.test")
+        stamp = where / "accounts.sqlite3-stamp"
+        for f in where.iterdir():
+            f.chmod(0o666 if f != stamp else 0o644)  # the database is the other user's to write
+        assert not server.resolve(addr("made@winview.test")).exists
+        pid = os.fork()
+        if pid == 0:  # the child: as nobody, add a user
+            code = 1
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                AccountDB(path).add_user("made@winview.test", "pw")
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert stamp.stat().st_uid == 65534  # replaced, not touched
+        assert server.resolve(addr("made@winview.test")).exists
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+
+
 def test_remembered_lookups_are_bounded(db: AccountDB) -> None:
     from serpentmail.accounts import db as dbmod
 
