@@ -79,6 +79,16 @@ def _tls() -> ssl.SSLContext:
     return ctx
 
 
+def _submit(ports: dict[str, int], n: int, tag: str, word: str) -> None:
+    """``n`` messages from bill@w.test to joe@r.test in one submission session (STARTTLS +
+    AUTH), with subject ``<tag><i>`` and body ``<word> <i>``."""
+    with smtplib.SMTP(HOST, ports["submission"], timeout=10) as s:
+        s.starttls(context=_tls())
+        s.login("bill@w.test", "billpw")
+        for i in range(n):
+            s.sendmail("bill@w.test", ["joe@r.test"], f"Subject: {tag}{i}\r\n\r\n{word} {i}\r\n".encode())
+
+
 def _remote_dest(tmp_path: Path) -> Config:
     """Another organisation's server (its own data directory on REMOTE) with one user,
     joe@r.test, for the relay to deliver to."""
@@ -304,14 +314,9 @@ def test_a_worker_started_again_takes_up_its_share_of_the_queue(tmp_path: Path) 
     conf, ports = _conf(tmp_path, workers=2, relay=(ep.host, ep.port),
                         delivery='retry_schedule = ["1h"]\nconnect_timeout = "2s"')
     env = tmp_path / "data" / "queue" / "env"
-    ctx = _tls()
     n = 5
     with serve(conf, ports, 2) as proc:
-        with smtplib.SMTP(HOST, ports["submission"], timeout=10) as s:  # a lone client: the last worker
-            s.starttls(context=ctx)
-            s.login("bill@w.test", "billpw")
-            for i in range(n):
-                s.sendmail("bill@w.test", ["joe@r.test"], f"Subject: o{i}\r\n\r\norphan {i}\r\n".encode())
+        _submit(ports, n, "o", "orphan")  # a lone client: the last worker
         _wait(lambda: "status=deferred" in (tmp_path / "serve.log").read_text()
               and (tmp_path / "serve.log").read_text().count("status=deferred") >= n, timeout=30)
         victim = max(_children(proc.pid))
@@ -501,16 +506,11 @@ def test_relayed_mail_is_not_sent_again_after_a_kill_right_after_delivery(tmp_pa
     from serpentmail.storage.journal import records
 
     dest = _remote_dest(tmp_path)
-    ctx = _tls()
     n = 30
     with running_server(dest) as remote:
         conf, ports = _conf(tmp_path, workers=1, relay=remote.endpoint("smtp"))
         with serve(conf, ports, 0) as proc:
-            with smtplib.SMTP(HOST, ports["submission"], timeout=10) as s:
-                s.starttls(context=ctx)
-                s.login("bill@w.test", "billpw")
-                for i in range(n):
-                    s.sendmail("bill@w.test", ["joe@r.test"], f"Subject: k{i}\r\n\r\nkilled {i}\r\n".encode())
+            _submit(ports, n, "k", "killed")
             # Every item delivered and removed (normally well within the second before the
             # journal's checkpoint, so their records are still pending), then killed at once.
             _wait(lambda: len(maildir_files(dest, "joe@r.test")) >= n, timeout=30)
@@ -542,7 +542,6 @@ def test_relayed_mail_held_only_in_the_journal_survives_a_stop(tmp_path: Path, s
     from serpentmail.storage.journal import records
 
     dest = _remote_dest(tmp_path)
-    ctx = _tls()
     n = 5
     with socket.socket() as mute:  # accepts connections (the backlog does) and never says a word
         mute.bind((REMOTE, 0))
@@ -550,11 +549,7 @@ def test_relayed_mail_held_only_in_the_journal_survives_a_stop(tmp_path: Path, s
         mute_at = "{}:{}".format(*mute.getsockname()[:2])
         conf, ports = _conf(tmp_path, workers=1, relay=mute.getsockname()[:2])
         with serve(conf, ports, 0) as proc:
-            with smtplib.SMTP(HOST, ports["submission"], timeout=10) as s:
-                s.starttls(context=ctx)
-                s.login("bill@w.test", "billpw")
-                for i in range(n):
-                    s.sendmail("bill@w.test", ["joe@r.test"], f"Subject: h{i}\r\n\r\nheld {i}\r\n".encode())
+            _submit(ports, n, "h", "held")
             proc.send_signal(stop)
             assert proc.wait(30) == (0 if stop == signal.SIGTERM else -signal.SIGKILL)
     journal = tmp_path / "data" / "journal" / "w0.log"
