@@ -240,6 +240,17 @@ def test_each_worker_makes_its_spool_files_in_its_own_directory(tmp_path: Path) 
         _wait(lambda: not left.exists())
 
 
+def test_spool_directories_of_workers_no_longer_configured_are_emptied_at_start(tmp_path: Path) -> None:
+    """Started with fewer workers than before (here one, which uses tmp/spare itself), the
+    server still empties the directories of the workers it no longer has."""
+    conf, ports = _conf(tmp_path, workers=1)
+    old = tmp_path / "data" / "tmp" / "spare" / "w3"
+    old.mkdir(parents=True)
+    (old / "left.by.a.fourth.worker").write_bytes(b"x")
+    with serve(conf, ports, 0):
+        assert not any(old.iterdir())
+
+
 def test_mail_queued_by_any_worker_reaches_the_remote_host(tmp_path: Path) -> None:
     dest = _remote_dest(tmp_path)
     ctx = _tls()

@@ -76,6 +76,12 @@ def test_dns_cache_cap_is_a_duration_and_zero_turns_the_cache_off(tmp_path: Path
     assert load(write(tmp_path, "[dns]\ncache_max_ttl = 0\n")).dns.cache_max_ttl == 0.0
 
 
+def test_login_cache_ttl_is_a_duration_and_zero_turns_it_off(tmp_path: Path) -> None:
+    assert load(write(tmp_path, "")).limits.auth_cache_ttl == 300.0
+    assert load(write(tmp_path, '[limits]\nauth_cache_ttl = "1h"\n')).limits.auth_cache_ttl == 3600.0
+    assert load(write(tmp_path, "[limits]\nauth_cache_ttl = 0\n")).limits.auth_cache_ttl == 0.0
+
+
 def test_journal_can_be_turned_off(tmp_path: Path) -> None:
     assert load(write(tmp_path, "journal = false\n")).journal is False
 
@@ -152,6 +158,7 @@ ERRORS = [
     ('[limits]\nmax_message_size = "lots"\n', "limits.max_message_size", 2),
     ('[limits]\nidle_timeout = "5 minutes"\n', "limits.idle_timeout", 2),
     ('[limits]\nidle_timeout = -5\n', "limits.idle_timeout", 2),
+    ('[limits]\nauth_cache_ttl = "forever"\n', "limits.auth_cache_ttl", 2),
     ('[limits]\nmax_message_size = -1\n', "limits.max_message_size", 2),
     ('[limits]\nmax_recipients = -1\n', "limits.max_recipients", 2),
     ('[limits]\nmax_recipients = "ten"\n', "limits.max_recipients", 2),
