@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from serpentmail.accounts.db import AccountDB
 from serpentmail.config import Config, Endpoint, LimitsConfig, Listener, embedded_default
@@ -119,3 +122,18 @@ def maildir_files(cfg: Config, address: str, sub: str = "new") -> list[Path]:
     if not d.exists():
         return []
     return sorted(d.iterdir(), key=lambda p: p.name)
+
+
+def watch_creations(monkeypatch: pytest.MonkeyPatch, directory: Path) -> list[str]:
+    """The names of the threads that create files in ``directory`` from now on, in order
+    (``os.open`` is looked up at each call, by the compiled build too)."""
+    made_in: list[str] = []
+    real_open = os.open
+
+    def watching_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & os.O_CREAT and Path(path).parent == directory:
+            made_in.append(threading.current_thread().name)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", watching_open)
+    return made_in

@@ -17,11 +17,14 @@ COMPILED_MODULES = (
     "proto.smtp_server",
     "queue.scheduler",
     "queue.service",
+    "server.context",
     "server.peers",
     "server.pop3",
     "server.session",
     "server.smtp",
+    "storage.journal",
     "storage.mailbox",
+    "storage.maildir",
 )
 
 

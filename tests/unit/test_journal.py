@@ -124,23 +124,23 @@ def test_a_checkpointed_record_is_not_replayed(tmp_path: Path) -> None:
     assert not (md / "new" / "x").exists()
 
 
-def test_checkpoint_with_appends_in_between_keeps_the_newer_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_checkpoint_with_appends_in_between_keeps_the_newer_records(tmp_path: Path) -> None:
     md = _maildir(tmp_path, 1)
     path = tmp_path / "journal" / "w0.log"
     j = Journal(path, tmp_path)
     with j.lock:
         j.append([Entry(b"old\r\n", [md / "new" / "old"])])
     (md / "new" / "old").write_bytes(b"old\r\n")
-    real = jmod.syncfs
+    real = j.flush_fs
 
     def append_during_flush(fd: int) -> None:  # another message arrives while syncfs runs
         with j.lock:
             j.append([Entry(b"new\r\n", [md / "new" / "new"])])
         real(fd)
 
-    monkeypatch.setattr(jmod, "syncfs", append_during_flush)
+    j.flush_fs = append_during_flush
     j.checkpoint()
-    monkeypatch.setattr(jmod, "syncfs", real)
+    j.flush_fs = real
     os.close(j.fd)
     assert [t for t, _ in records(path)] == [["mail/1/new/new"]]
     replay(path, tmp_path)
@@ -228,15 +228,14 @@ def test_queue_jobs_and_big_messages_take_the_fsync_recipe(tmp_path: Path) -> No
     assert (md / "new" / "s").read_bytes() == b"a local delivery\r\n"
 
 
-def test_a_failing_journal_falls_back_to_fsync_and_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_journal_falls_back_to_fsync_and_loses_nothing(tmp_path: Path) -> None:
     md = _maildir(tmp_path, 1)
     tmp = _mk(tmp_path / "tmp")
     j = Journal(tmp_path / "journal" / "w0.log", tmp_path)
 
-    def broken(entries: list[Entry]) -> None:
-        raise OSError(5, "Input/output error")
-
-    monkeypatch.setattr(j, "append", broken)
+    # Every write to the journal now fails (EBADF: the descriptor is open for reading only).
+    writable = j.fd
+    j.fd = os.open(j.path, os.O_RDONLY | os.O_CLOEXEC)
     committer = Committer(journal=j)
     try:
         sp = SpoolFile(tmp)
@@ -244,9 +243,11 @@ def test_a_failing_journal_falls_back_to_fsync_and_loses_nothing(tmp_path: Path,
         committer.commit_now(sp, [md / "new" / "a", _maildir(tmp_path, 2) / "new" / "a"], journal=True)
     finally:
         committer.close()
+        os.close(writable)
     assert (md / "new" / "a").read_bytes() == b"still delivered\r\n"
     assert (tmp_path / "mail" / "2" / "new" / "a").read_bytes() == b"still delivered\r\n"
     assert list(tmp.iterdir()) == []
+    assert list(records(j.path)) == []  # nothing went through the journal
 
 
 def test_replay_all_covers_every_worker_and_skips_removed_mailboxes(tmp_path: Path) -> None:

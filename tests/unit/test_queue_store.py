@@ -12,6 +12,7 @@ import pytest
 from serpentmail.queue.store import EnvelopeRecord, QueueError, QueueStore, valid_id
 from serpentmail.storage.journal import Journal, records, replay_all
 from serpentmail.storage.maildir import Committer, SpoolFile, SpoolPool
+from tests.helpers import watch_creations
 
 
 def _spool(store: QueueStore, content: bytes) -> SpoolFile:
@@ -256,20 +257,13 @@ def test_removals_run_in_the_committer_thread_and_its_errors_reach_the_caller(tm
     assert list(store.ids()) == [later] and store.exists(later)  # committed after the failure
 
 
-def test_new_envelopes_use_spare_files_made_off_the_event_loop(tmp_path: Path) -> None:
+def test_new_envelopes_use_spare_files_made_off_the_event_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
 
     from serpentmail.queue.store import SPARE_ENVELOPE_FILES
 
-    made_in: set[str] = set()
-
-    class Watching(SpoolPool):
-        def make(self, n: int) -> list[SpoolFile]:
-            made_in.add(threading.current_thread().name)
-            return super().make(n)
-
     store = QueueStore(tmp_path, clock=lambda: 1000.0)
-    store.spares = Watching(store.tmp, SPARE_ENVELOPE_FILES)
+    made_in = watch_creations(monkeypatch, store.tmp)
 
     async def go() -> list[str]:
         ids = []
@@ -280,7 +274,8 @@ def test_new_envelopes_use_spare_files_made_off_the_event_loop(tmp_path: Path) -
         return ids
 
     ids = asyncio.run(go())
-    assert made_in and threading.main_thread().name not in made_in
+    main = threading.main_thread().name
+    assert made_in[0] == main and len(made_in) > 1 and main not in made_in[1:]  # the first inline
     assert 0 < len(store.spares) <= SPARE_ENVELOPE_FILES
     for qid in ids:  # the envelopes are complete and durable as before
         rec = store.load(qid)
@@ -602,25 +597,22 @@ def test_an_envelope_showing_another_items_bytes_is_written_again(tmp_path: Path
     assert store.env_path(qid).read_bytes() == env
 
 
-def test_an_item_in_a_running_checkpoint_is_removed_only_once_it_has_ended(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_item_in_a_running_checkpoint_is_removed_only_once_it_has_ended(tmp_path: Path) -> None:
     """Its records are in the checkpoint's snapshot but stay pending until its flush ends: a
     durable removal before that, then a crash, and the replay would send the item again."""
     import threading
     import time
 
-    from serpentmail.storage import journal as jmod
-
     store, committer, journal = _journaled_store(tmp_path)
     qid = _enqueue(store, b"Subject: s\r\n\r\nstraddles a checkpoint\r\n")
-    real, entered = jmod.syncfs, threading.Event()
+    real, entered = journal.flush_fs, threading.Event()
 
     def slow_syncfs(fd: int) -> None:
         entered.set()
         time.sleep(0.3)
         real(fd)
 
-    monkeypatch.setattr(jmod, "syncfs", slow_syncfs)
+    journal.flush_fs = slow_syncfs
     flush = threading.Thread(target=journal.checkpoint)
     flush.start()
     assert entered.wait(5)

@@ -17,7 +17,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from ..accounts.db import AccountDB, User, verify_password
 from ..config import Config
@@ -258,7 +258,7 @@ class LoginCache:
     ``ttl`` 0 turns the cache off.
     """
 
-    MAX = 10_000
+    MAX: ClassVar[int] = 10_000
 
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl

@@ -15,6 +15,12 @@ _zero_range_works = True  # False when the C library has no fallocate
 _no_zero_range: set[int] = set()  # filesystems (st_dev) that refused FALLOC_FL_ZERO_RANGE
 
 
+class JournalBusy(OSError):
+    """Another live process holds this journal (and replays it itself if need be). Defined
+    here, in a module mypyc does not compile, since a compiled class cannot subclass OSError;
+    :mod:`.journal` re-exports it."""
+
+
 def fsync_dir(path: Path) -> None:
     """Make the entries added to or removed from directory ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..log import log_event
-from .fsutil import fsync_dir, write_durably
+from .fsutil import JournalBusy, fsync_dir, write_durably
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,9 @@ class Journal:
         self._prefix = os.path.join(os.fspath(root), "")  # "<root>/": see _name
         self.lock = threading.Lock()
         self._checkpointing = threading.Lock()  # one checkpoint at a time: the start only moves on
+        # The checkpoint's flush (:func:`syncfs`), an attribute so that a test can run something
+        # in the middle of one (this module is compiled: a replaced module function is not seen).
+        self.flush_fs: Callable[[int], None] = syncfs
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists() or path.stat().st_size < DATA_START + RECORD.size:
             _create(path, size)
@@ -277,7 +280,7 @@ class Journal:
             end, gen, dirs = self.end, self.gen, self._dirs
             self._dirs = set()
         try:
-            syncfs(self.fd)
+            self.flush_fs(self.fd)
             seen = {os.fstat(self.fd).st_dev}
             for d in dirs:
                 try:
@@ -288,7 +291,7 @@ class Journal:
                     seen.add(dev)
                     dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                     try:
-                        syncfs(dfd)
+                        self.flush_fs(dfd)
                     finally:
                         os.close(dfd)
         except OSError:
@@ -426,10 +429,6 @@ class ReplayReport:
     restored: int = 0  # missing (their rename was lost) and written again
     skipped: int = 0  # their mailbox no longer exists
     removed: int = 0  # queue files whose recorded removal the crash interrupted, removed now
-
-
-class JournalBusy(OSError):
-    """Another live process holds this journal (and replays it itself if need be)."""
 
 
 def _open_locked(path: Path) -> int:

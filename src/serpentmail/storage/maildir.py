@@ -285,6 +285,7 @@ class Committer:
             entries = [Entry(_read_spool(j.spool), j.links) for j in jobs]
         except OSError:
             return
+        results: list[tuple[CommitJob, BaseException | None]] | None = None
         for attempt in (0, 1):
             with journal.lock:
                 try:
@@ -299,14 +300,15 @@ class Committer:
                     results = [(job, _place(job) if job.place else _defer(journal, job)) for job in jobs]
                     for job in jobs:
                         job.epoch = journal.epoch
-                    break
+            if results is not None:  # (no break inside the with: mypyc cannot compile one)
+                break
             if attempt == 0:
                 try:
                     journal.checkpoint()
                 except OSError as exc:
                     log_event(log, "journal checkpoint failed, using fsync instead", logging.ERROR, error=str(exc))
                     return
-        else:
+        if results is None:  # full even after a checkpoint
             return
         for job, err in results:
             job.done = True
@@ -633,7 +635,7 @@ class Recycler:
     removes files in worker threads, pools refill in others).
     """
 
-    SHARED = "shared-"
+    SHARED: ClassVar[str] = "shared-"
 
     def __init__(self, directory: Path, prefix: str = "r", limit: int = 256, *, share: bool = False) -> None:
         self.dir = directory
