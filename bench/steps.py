@@ -1,0 +1,149 @@
+"""``python -m bench.steps``: one SMTP session's time, step by step, on serpentmail and Postfix.
+
+A client on plain sockets runs one-message sessions one after the other (connect and
+greeting, EHLO, MAIL, RCPT, DATA, the message, QUIT), as scenario 1 does at one session, and
+times each step from its command to the reply. Both servers run it twice:
+
+* **free**: every process may run on any CPU, as in scenario 1;
+* **CPU 0**: the client and every process and thread of the server are pinned to CPU 0.
+
+Why: at one session the two sides take turns, and on a VM each turn that wakes a process on
+an idle CPU pays for that CPU's wake-up. Postfix's other processes (cleanup, qmgr, the
+delivery agent) keep the second CPU busy, so the kernel tends to run smtpd on the client's
+CPU; serpentmail has nothing else to run, so each reply and each command crosses CPUs. The
+"CPU 0" rows show what the steps cost without that crossing. The last column is the
+server's CPU time (all its processes) per session.
+
+    python3 -m bench.steps                      # 1,500 sessions per row, 4 KiB
+    python3 -m bench.steps --count 500 --size 102400 --pure
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .common import build_package, descendants, recent_cleanup, remove_tree
+from .servers import USER, Postfix, Serpent, ensure_packages
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = ("connect", "EHLO", "MAIL", "RCPT", "DATA", "message", "QUIT")
+_HEAD = {"connect": "conn", "message": "msg"}  # short column headers
+
+
+def _reply(sock: socket.socket) -> bytes:
+    """Read one whole SMTP reply (RFC 5321 §4.2.1: its last line has a space after the code)."""
+    buf = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"connection closed after {buf!r}")
+        buf += chunk
+        if buf.endswith(b"\r\n"):
+            last = buf[:-2].rsplit(b"\r\n", 1)[-1]
+            if len(last) >= 4 and last[3:4] == b" ":
+                return buf
+
+
+def sessions(host: str, port: int, n: int, size: int) -> dict[str, list[float]]:
+    """``n`` one-message sessions; each step's durations in seconds."""
+    line = b"x" * 76 + b"\r\n"
+    message = b"Subject: steps\r\n\r\n" + line * max(1, size // len(line)) + b".\r\n"
+    commands = ((b"EHLO client.test\r\n", "EHLO"), (b"MAIL FROM:<sender@client.test>\r\n", "MAIL"),
+                (f"RCPT TO:<{USER}>\r\n".encode(), "RCPT"), (b"DATA\r\n", "DATA"), (message, "message"),
+                (b"QUIT\r\n", "QUIT"))
+    out: dict[str, list[float]] = {s: [] for s in STEPS}
+    for _ in range(n):
+        t0 = time.perf_counter()
+        with socket.create_connection((host, port)) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _reply(s)
+            t1 = time.perf_counter()
+            out["connect"].append(t1 - t0)
+            for data, step in commands:
+                t0 = time.perf_counter()
+                s.sendall(data)
+                reply = _reply(s)
+                out[step].append(time.perf_counter() - t0)
+                if reply[:1] not in (b"2", b"3"):
+                    raise RuntimeError(f"{step}: {reply!r}")
+    return out
+
+
+def _pin_tree(root_pid: int, cpus: set[int]) -> None:
+    """Every thread of ``root_pid`` and of its descendants on ``cpus`` (children forked later
+    inherit it from their parent)."""
+    for pid in [root_pid, *descendants(root_pid)]:
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                os.sched_setaffinity(tid, cpus)
+            except OSError:
+                pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.steps", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--count", type=int, default=1500, help="sessions per row")
+    ap.add_argument("--size", type=int, default=4096, help="message size in octets")
+    ap.add_argument("--pure", action="store_true", help="run serpentmail's sources instead of `pip install .`'s build")
+    args = ap.parse_args(argv)
+    console = Console(width=max(Console().width, 110))
+    allowed = os.sched_getaffinity(0)
+    if 0 not in allowed or len(allowed) < 2:
+        console.print("[red]needs CPU 0 and at least one other CPU[/]")
+        return 1
+    ensure_packages(console.print)
+    settling = recent_cleanup()  # files deleted minutes ago make file creation slower for a while
+    if settling:
+        console.print(f"[yellow]{settling}[/]")
+    root = Path(tempfile.mkdtemp(prefix="serpentmail-steps-", dir="/var/tmp"))
+    os.chmod(root, 0o755)
+    table = Table(title=f"p50 of each step, µs ({args.count:,} one-message sessions of {args.size:,} octets)")
+    for col in ("server", "CPUs", *(_HEAD.get(s, s) for s in STEPS), "msg/s", "CPU ms/msg"):
+        table.add_column(col, justify="left" if col in ("server", "CPUs") else "right", no_wrap=True)
+    try:
+        code = None
+        if not args.pure:
+            with console.status("building serpentmail as `pip install .` does (a minute or two)"):
+                build_package(REPO, root / "build")
+            code = root / "build"
+        for make in (lambda: Serpent(root), lambda: Postfix(root)):
+            srv = make()
+            srv.setup()
+            srv.start(code) if isinstance(srv, Serpent) else srv.start()
+            try:
+                for mode, cpus in (("free", allowed), ("CPU 0", {0})):
+                    os.sched_setaffinity(0, cpus)
+                    _pin_tree(srv.pid, cpus)
+                    sessions(srv.ip, srv.smtp_port, max(50, args.count // 10), args.size)  # warm up
+                    cpu0, t0 = srv.cpu(), time.perf_counter()
+                    with console.status(f"{srv.name}, {mode}: {args.count:,} sessions"):
+                        got = sessions(srv.ip, srv.smtp_port, args.count, args.size)
+                    took, cpu = time.perf_counter() - t0, srv.cpu() - cpu0
+                    table.add_row(srv.name, mode, *(f"{statistics.median(got[s]) * 1e6:,.0f}" for s in STEPS),
+                                  f"{args.count / took:,.0f}", f"{cpu * 1000 / args.count:.2f}")
+            finally:
+                os.sched_setaffinity(0, allowed)
+                srv.stop()
+    finally:
+        os.sched_setaffinity(0, allowed)
+        remove_tree(root)
+    console.print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
