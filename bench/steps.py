@@ -53,12 +53,12 @@ def _reply(sock: socket.socket) -> bytes:
                 return buf
 
 
-def sessions(host: str, port: int, n: int, size: int) -> dict[str, list[float]]:
-    """``n`` one-message sessions; each step's durations in seconds."""
+def sessions(host: str, port: int, n: int, size: int, rcpt: str = USER) -> dict[str, list[float]]:
+    """``n`` one-message sessions to ``rcpt``; each step's durations in seconds."""
     line = b"x" * 76 + b"\r\n"
     message = b"Subject: steps\r\n\r\n" + line * max(1, size // len(line)) + b".\r\n"
     commands = ((b"EHLO client.test\r\n", "EHLO"), (b"MAIL FROM:<sender@client.test>\r\n", "MAIL"),
-                (f"RCPT TO:<{USER}>\r\n".encode(), "RCPT"), (b"DATA\r\n", "DATA"), (message, "message"),
+                (f"RCPT TO:<{rcpt}>\r\n".encode(), "RCPT"), (b"DATA\r\n", "DATA"), (message, "message"),
                 (b"QUIT\r\n", "QUIT"))
     out: dict[str, list[float]] = {s: [] for s in STEPS}
     for _ in range(n):
