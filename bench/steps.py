@@ -16,6 +16,11 @@ server's CPU time (all its processes) per session.
 
     python3 -m bench.steps                      # 1,500 sessions per row, 4 KiB
     python3 -m bench.steps --count 500 --size 102400 --pure
+    python3 -m bench.steps --pop3               # scenario 3's download against Dovecot instead
+
+With ``--pop3`` the rows are scenario 3's POP3 download (poplib: login, LIST, RETR all, DELE
+all, QUIT) of ``--count`` messages of ``--size`` octets, serpentmail against Dovecot, three
+downloads per row, free and on CPU 0.
 """
 
 from __future__ import annotations
@@ -31,8 +36,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from . import clients
 from .common import build_package, descendants, recent_cleanup, remove_tree
-from .servers import USER, Postfix, Serpent, ensure_packages
+from .scenarios import _seed
+from .servers import PASSWORD, USER, Dovecot, Postfix, Serpent, ensure_packages
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = ("connect", "EHLO", "MAIL", "RCPT", "DATA", "message", "QUIT")
@@ -99,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", type=int, default=1500, help="sessions per row")
     ap.add_argument("--size", type=int, default=4096, help="message size in octets")
     ap.add_argument("--pure", action="store_true", help="run serpentmail's sources instead of `pip install .`'s build")
+    ap.add_argument("--pop3", action="store_true", help="POP3 downloads against Dovecot instead of SMTP sessions")
     args = ap.parse_args(argv)
     console = Console(width=max(Console().width, 110))
     allowed = os.sched_getaffinity(0)
@@ -111,15 +119,24 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[yellow]{settling}[/]")
     root = Path(tempfile.mkdtemp(prefix="serpentmail-steps-", dir="/var/tmp"))
     os.chmod(root, 0o755)
-    table = Table(title=f"p50 of each step, µs ({args.count:,} one-message sessions of {args.size:,} octets)")
-    for col in ("server", "CPUs", *(_HEAD.get(s, s) for s in STEPS), "msg/s", "CPU ms/msg"):
-        table.add_column(col, justify="left" if col in ("server", "CPUs") else "right", no_wrap=True)
+    if args.pop3:
+        table = Table(title=f"POP3 download of {args.count:,} messages of {args.size:,} octets (median of 3)")
+        for col in ("server", "CPUs", "msg/s", "server CPU µs/msg", "client CPU µs/msg"):
+            table.add_column(col, justify="left" if col in ("server", "CPUs") else "right", no_wrap=True)
+    else:
+        table = Table(title=f"p50 of each step, µs ({args.count:,} one-message sessions of {args.size:,} octets)")
+        for col in ("server", "CPUs", *(_HEAD.get(s, s) for s in STEPS), "msg/s", "CPU ms/msg"):
+            table.add_column(col, justify="left" if col in ("server", "CPUs") else "right", no_wrap=True)
     try:
         code = None
         if not args.pure:
             with console.status("building serpentmail as `pip install .` does (a minute or two)"):
                 build_package(REPO, root / "build")
             code = root / "build"
+        if args.pop3:
+            _pop3_rows(console, table, root, code, args.count, args.size, allowed)
+            console.print(table)
+            return 0
         for make in (lambda: Serpent(root), lambda: Postfix(root)):
             srv = make()
             srv.setup()
@@ -143,6 +160,34 @@ def main(argv: list[str] | None = None) -> int:
         remove_tree(root)
     console.print(table)
     return 0
+
+
+def _pop3_rows(console: Console, table: Table, root: Path, code: Path | None, count: int, size: int,
+               allowed: set[int]) -> None:
+    serpent, dovecot = Serpent(root, pop3=True), Dovecot(root)
+    for srv in (serpent, dovecot):
+        srv.setup()
+    serpent.start(code)
+    dovecot.start()
+    try:
+        for mode, cpus in (("free", allowed), ("CPU 0", {0})):
+            for srv, crlf, uid in ((serpent, True, None), (dovecot, False, 65534)):
+                os.sched_setaffinity(0, cpus)
+                _pin_tree(srv.pid, cpus)
+                runs = []
+                for rep in range(3):
+                    _seed(srv.maildir, count, size, crlf=crlf, uid=uid)
+                    cpu0, mine0 = srv.cpu(), os.times()
+                    with console.status(f"{srv.name}, {mode}: download {rep + 1}/3"):
+                        got, _octets, secs = clients.pop3_download(srv.ip, srv.pop3_port, USER, PASSWORD)
+                    mine1 = os.times()
+                    client = mine1.user + mine1.system - mine0.user - mine0.system
+                    runs.append((got / secs, (srv.cpu() - cpu0) * 1e6 / got, client * 1e6 / got))
+                table.add_row(srv.name, mode, *(f"{statistics.median(r[i] for r in runs):,.0f}" for i in range(3)))
+    finally:
+        os.sched_setaffinity(0, allowed)
+        serpent.stop()
+        dovecot.stop()
 
 
 if __name__ == "__main__":
