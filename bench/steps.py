@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import clients
-from .common import build_package, descendants, recent_cleanup, remove_tree
+from .common import Unavailable, build_package, descendants, recent_cleanup, remove_tree
 from .scenarios import _seed
 from .servers import PASSWORD, USER, Dovecot, Postfix, Serpent, ensure_packages
 
@@ -135,13 +135,11 @@ def main(argv: list[str] | None = None) -> int:
             code = root / "build"
         if args.pop3:
             _pop3_rows(console, table, root, code, args.count, args.size, allowed)
-            console.print(table)
-            return 0
-        for make in (lambda: Serpent(root), lambda: Postfix(root)):
+        for make in (() if args.pop3 else (lambda: Serpent(root), lambda: Postfix(root))):
             srv = make()
-            srv.setup()
-            srv.start(code) if isinstance(srv, Serpent) else srv.start()
             try:
+                srv.setup()
+                srv.start(code) if isinstance(srv, Serpent) else srv.start()
                 for mode, cpus in (("free", allowed), ("CPU 0", {0})):
                     os.sched_setaffinity(0, cpus)
                     _pin_tree(srv.pid, cpus)
@@ -155,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 os.sched_setaffinity(0, allowed)
                 srv.stop()
+    except (Unavailable, RuntimeError, OSError) as exc:  # a server that would not start or answer
+        console.print(f"[red]{type(exc).__name__}: {exc}[/]")
+        return 1
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        return 130
     finally:
         os.sched_setaffinity(0, allowed)
         remove_tree(root)
@@ -165,11 +169,11 @@ def main(argv: list[str] | None = None) -> int:
 def _pop3_rows(console: Console, table: Table, root: Path, code: Path | None, count: int, size: int,
                allowed: set[int]) -> None:
     serpent, dovecot = Serpent(root, pop3=True), Dovecot(root)
-    for srv in (serpent, dovecot):
-        srv.setup()
-    serpent.start(code)
-    dovecot.start()
     try:
+        for srv in (serpent, dovecot):
+            srv.setup()
+        serpent.start(code)
+        dovecot.start()
         for mode, cpus in (("free", allowed), ("CPU 0", {0})):
             for srv, crlf, uid in ((serpent, True, None), (dovecot, False, 65534)):
                 os.sched_setaffinity(0, cpus)
