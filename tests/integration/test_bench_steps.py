@@ -30,3 +30,35 @@ def test_a_refused_step_stops_the_run_with_the_reply(tmp_path: Path) -> None:
     add_user(cfg, RCPT)
     with running_server(cfg) as srv, pytest.raises(RuntimeError, match=r"RCPT: b'550"):
         sessions(*srv.endpoint("smtp"), 1, 100, rcpt="nobody@bench.test")
+
+
+def test_a_server_that_will_not_start_is_one_line_and_status_1(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+    import shutil
+
+    from bench import steps
+    from bench.common import Unavailable
+
+    before = os.sched_getaffinity(0)
+    if 0 not in before or len(before) < 2:
+        pytest.skip("bench.steps needs CPU 0 and another CPU")
+
+    def refuse(self: object) -> None:
+        raise Unavailable("no room at the inn")
+
+    removed: list[Path] = []
+
+    def remove_tree(root: Path) -> int:  # (the real one also leaves the bench's clean-up mark)
+        removed.append(root)
+        shutil.rmtree(root)
+        return 0
+
+    monkeypatch.setattr(steps, "ensure_packages", lambda *_: None)
+    monkeypatch.setattr(steps.Serpent, "setup", refuse)
+    monkeypatch.setattr(steps, "remove_tree", remove_tree)
+    assert steps.main(["--pure", "--count", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "Unavailable: no room at the inn" in out and "Traceback" not in out
+    assert removed and not removed[0].exists()  # its data directory is gone
+    assert os.sched_getaffinity(0) == before  # the client's CPUs are given back
