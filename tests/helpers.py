@@ -137,3 +137,17 @@ def watch_creations(monkeypatch: pytest.MonkeyPatch, directory: Path) -> list[st
 
     monkeypatch.setattr(os, "open", watching_open)
     return made_in
+
+
+def spool_files(data_dir: Path) -> list[Path]:
+    """Messages being received or left by a crash: files with content in tmp/ or tmp/spare/
+    (the spool files, made empty ahead of need, are written where they are)."""
+    found = []
+    for d in (data_dir / "tmp", data_dir / "tmp" / "spare"):
+        for p in d.iterdir() if d.exists() else ():
+            try:
+                if p.is_file() and p.stat().st_size > 0:
+                    found.append(p)
+            except FileNotFoundError:  # removed between the listing and the stat: gone, as awaited
+                pass
+    return found

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port
+from tests.helpers import free_port, spool_files
 
 pytestmark = pytest.mark.e2e
 
@@ -89,14 +89,6 @@ def served(tmp_path: Path) -> Iterator[Served]:
     s = Served(tmp_path)
     yield s
     s.kill_if_running()
-
-
-
-def _spool_files(data_dir: Path) -> list[Path]:
-    """Messages being received or left by a crash: files with content in tmp/ or tmp/spare/
-    (the spool files, made empty ahead of need, are written where they are)."""
-    return [p for d in (data_dir / "tmp", data_dir / "tmp" / "spare") if d.exists()
-            for p in d.iterdir() if p.is_file() and p.stat().st_size > 0]
 
 
 def setup_accounts(s: Served) -> None:
@@ -305,7 +297,7 @@ def test_sigkill_under_load_loses_nothing_acknowledged(served: Served) -> None:
     leftover.write_bytes(b"half a message")
     served.start()
     assert not leftover.exists()
-    assert _spool_files(served.data) == []
+    assert spool_files(served.data) == []
     after = check_mailbox()
     assert set(before) <= set(after)
     with smtplib.SMTP(served.host, served.port, timeout=20) as c:

@@ -20,18 +20,17 @@ import pytest
 
 from serpentmail.accounts.db import AccountDB
 from serpentmail.config import Config
-from tests.helpers import ServerThread, add_user, maildir_files, make_config, running_server
+from tests.helpers import (
+    ServerThread,
+    add_user,
+    maildir_files,
+    make_config,
+    running_server,
+    spool_files,
+)
 
 HOST = "127.0.6.2"
 BILL = "bill@winview.test"
-
-
-
-def _spool_files(data_dir: Path) -> list[Path]:
-    """Messages being received or left by a crash: files with content in tmp/ or tmp/spare/
-    (the spool files, made empty ahead of need, are written where they are)."""
-    return [p for d in (data_dir / "tmp", data_dir / "tmp" / "spare") if d.exists()
-            for p in d.iterdir() if p.is_file() and p.stat().st_size > 0]
 
 
 def cfg_for(tmp_path: Path, **limits: object) -> Config:
@@ -93,7 +92,7 @@ def test_byte_for_byte_with_trace_headers(server: tuple[Config, ServerThread]) -
     assert data[m.end():] == body
     assert files[0].name.endswith(f",S={len(data)}")
     # nothing left behind in tmp/ (tmp/spare/ holds the empty files made ahead of need)
-    assert _spool_files(cfg.data_dir) == []
+    assert spool_files(cfg.data_dir) == []
 
 
 @pytest.mark.parametrize("transfer", [b"DATA\r\n.\r\n", b"BDAT 0 LAST\r\n"])
@@ -301,7 +300,7 @@ def test_idle_timeout_during_data(tmp_path: Path) -> None:
         out = recv_until_closed(s)
     assert out.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n421 4.4.2 Idle timeout, closing connection\r\n")
     assert maildir_files(cfg, BILL) == []
-    wait_for(lambda: not _spool_files(cfg.data_dir), "spool file removed")
+    wait_for(lambda: not spool_files(cfg.data_dir), "spool file removed")
 
 
 def test_errors_per_session(tmp_path: Path) -> None:
@@ -370,7 +369,7 @@ def test_internal_error_is_451_without_detail(tmp_path: Path, caplog: pytest.Log
         with connect(srv) as other:
             assert other.noop()[0] == 250
     assert [b"ok again" in p.read_bytes() for p in maildir_files(cfg, BILL)] == [True]
-    assert not _spool_files(cfg.data_dir)
+    assert not spool_files(cfg.data_dir)
 
 
 def test_internal_error_in_policy_is_451(tmp_path: Path) -> None:
@@ -444,7 +443,7 @@ def test_concurrent_sessions(server: tuple[Config, ServerThread]) -> None:
     assert errors == []
     subjects = sorted(re.search(rb"Subject: (\S+)", p.read_bytes()).group(1) for p in maildir_files(cfg, BILL))  # type: ignore[union-attr]
     assert subjects == sorted(b"%d-%d" % (n, i) for n in range(8) for i in range(5))
-    assert _spool_files(cfg.data_dir) == []
+    assert spool_files(cfg.data_dir) == []
 
 
 def test_client_vanishing_mid_data_leaves_nothing(server: tuple[Config, ServerThread]) -> None:
@@ -455,9 +454,9 @@ def test_client_vanishing_mid_data_leaves_nothing(server: tuple[Config, ServerTh
         for _ in range(5):
             f.readline()
         s.sendall(b"Subject: cut\r\n\r\n" + b"x" * 100000)
-        wait_for(lambda: _spool_files(cfg.data_dir), "spool file being written")
+        wait_for(lambda: spool_files(cfg.data_dir), "spool file being written")
         f.close()  # (a makefile() reader keeps the socket open)
-    wait_for(lambda: not _spool_files(cfg.data_dir), "spool file removed")
+    wait_for(lambda: not spool_files(cfg.data_dir), "spool file removed")
     assert maildir_files(cfg, BILL) == []
     ctx = srv.server.ctx
     assert ctx is not None
