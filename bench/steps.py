@@ -38,7 +38,7 @@ from rich.table import Table
 
 from . import clients
 from .common import Unavailable, build_package, descendants, recent_cleanup, remove_tree
-from .scenarios import _seed
+from .scenarios import SENDER, _seed
 from .servers import PASSWORD, USER, Dovecot, Postfix, Serpent, ensure_packages
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,9 +62,8 @@ def _reply(sock: socket.socket) -> bytes:
 
 def sessions(host: str, port: int, n: int, size: int, rcpt: str = USER) -> dict[str, list[float]]:
     """``n`` one-message sessions to ``rcpt``; each step's durations in seconds."""
-    line = b"x" * 76 + b"\r\n"
-    message = b"Subject: steps\r\n\r\n" + line * max(1, size // len(line)) + b".\r\n"
-    commands = ((b"EHLO client.test\r\n", "EHLO"), (b"MAIL FROM:<sender@client.test>\r\n", "MAIL"),
+    message = clients.make_message(size, SENDER, rcpt) + b".\r\n"  # its lines never start with a dot
+    commands = ((b"EHLO client.test\r\n", "EHLO"), (f"MAIL FROM:<{SENDER}>\r\n".encode(), "MAIL"),
                 (f"RCPT TO:<{rcpt}>\r\n".encode(), "RCPT"), (b"DATA\r\n", "DATA"), (message, "message"),
                 (b"QUIT\r\n", "QUIT"))
     out: dict[str, list[float]] = {s: [] for s in STEPS}

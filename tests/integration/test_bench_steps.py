@@ -22,7 +22,7 @@ def test_each_session_is_timed_step_by_step_and_delivered(tmp_path: Path) -> Non
     assert all(len(v) == 3 and all(t > 0 for t in v) for v in got.values())
     files = maildir_files(cfg, RCPT)
     assert len(files) == 3
-    assert all(b"Subject: steps\r\n" in f.read_bytes() and f.stat().st_size > 4096 for f in files)
+    assert all(b"Subject: benchmark\r\n" in f.read_bytes() and f.stat().st_size > 4096 for f in files)
 
 
 def test_a_refused_step_stops_the_run_with_the_reply(tmp_path: Path) -> None:
