@@ -381,7 +381,7 @@ class AccountDB:
     def resolve(self, address: Address) -> Resolution:
         """Expand ``address`` into local users and remote targets (aliases followed 10 deep).
         Runs per RCPT: answered from memory while the change stamp is unchanged."""
-        ckey = ("rcpt", address.key + "\x00" + address.domain)
+        ckey = ("rcpt", address.key)  # the whole address, lower-cased: all _resolve reads of it
         state, hit = self._cached(ckey)
         if hit is not None:
             return cast(Resolution, hit)
