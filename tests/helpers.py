@@ -151,3 +151,11 @@ def spool_files(data_dir: Path) -> list[Path]:
             except FileNotFoundError:  # removed between the listing and the stat: gone, as awaited
                 pass
     return found
+
+
+def drop_journal(journal: Any) -> None:
+    """What a process's death does to its :class:`~serpentmail.storage.journal.Journal`: its
+    descriptors close (and its lock with them), with no last checkpoint."""
+    os.close(journal.fd)
+    if journal.wfd >= 0:
+        os.close(journal.wfd)

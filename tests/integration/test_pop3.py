@@ -24,6 +24,7 @@ from serpentmail.storage.maildir import deliver_bytes, maildir_for
 from tests.helpers import (
     ServerThread,
     add_user,
+    drop_journal,
     free_port,
     maildir_files,
     make_config,
@@ -559,7 +560,7 @@ def test_a_deletion_the_journal_still_holds_is_kept_and_quit_says_so(tmp_path: P
         other = Journal(cfg.data_dir / "journal" / "w9.log", cfg.data_dir)
         with other.lock:
             other.append([Entry(path.read_bytes(), [path])])
-        os.close(other.fd)
+        drop_journal(other)
         p = _login(srv)
         assert p.dele(1).startswith(b"+OK")
         with pytest.raises(poplib.error_proto, match=r"SYS/TEMP"):

@@ -23,6 +23,7 @@ from serpentmail.storage.journal import (
     wait_checkpointed,
 )
 from serpentmail.storage.maildir import CommitJob, Committer, SpoolFile, ensure_maildir
+from tests.helpers import drop_journal
 
 
 def _maildir(root: Path, uid: int) -> Path:
@@ -42,7 +43,7 @@ def _crashed_after(root: Path, entries: list[Entry], name: str = "w0.log") -> Pa
     j = Journal(root / "journal" / name, root)
     with j.lock:
         j.append(entries)
-    os.close(j.fd)
+    drop_journal(j)
     return j.path
 
 
@@ -97,7 +98,7 @@ def test_a_torn_append_ends_the_scan_and_earlier_records_still_count(tmp_path: P
         torn_at = j.end
         j.append([Entry(b"cut short by the crash\r\n", [md / "new" / "t"]),
                   Entry(b"never written\r\n", [md / "new" / "n"])])
-    os.close(j.fd)
+    drop_journal(j)
     with open(path, "r+b") as f:  # the second append's content did not reach the disk
         f.seek(torn_at + jmod.RECORD.size + 5)
         f.write(b"\0\0\0\0")
@@ -118,7 +119,7 @@ def test_a_checkpointed_record_is_not_replayed(tmp_path: Path) -> None:
     j.checkpoint()
     assert _header(path) == (gen_before + 1, DATA_START)  # nothing pending: started over
     (md / "new" / "x").unlink()  # downloaded and deleted later: it must stay deleted
-    os.close(j.fd)
+    drop_journal(j)
     assert list(records(path)) == []
     assert replay(path, tmp_path).restored == 0
     assert not (md / "new" / "x").exists()
@@ -141,7 +142,7 @@ def test_checkpoint_with_appends_in_between_keeps_the_newer_records(tmp_path: Pa
     j.flush_fs = append_during_flush
     j.checkpoint()
     j.flush_fs = real
-    os.close(j.fd)
+    drop_journal(j)
     assert [t for t, _ in records(path)] == [["mail/1/new/new"]]
     replay(path, tmp_path)
     assert (md / "new" / "new").read_bytes() == b"new\r\n"
@@ -157,7 +158,7 @@ def test_records_of_an_earlier_lap_are_ignored(tmp_path: Path) -> None:
     j.checkpoint()  # starts over at DATA_START, one generation up
     with j.lock:
         j.append([Entry(b"short\r\n", [md / "new" / "lap2"])])
-    os.close(j.fd)
+    drop_journal(j)
     (md / "new" / "lap1").unlink()
     assert [t for t, _ in records(path)] == [["mail/1/new/lap2"]]
 
@@ -233,9 +234,11 @@ def test_a_failing_journal_falls_back_to_fsync_and_loses_nothing(tmp_path: Path)
     tmp = _mk(tmp_path / "tmp")
     j = Journal(tmp_path / "journal" / "w0.log", tmp_path)
 
-    # Every write to the journal now fails (EBADF: the descriptor is open for reading only).
-    writable = j.fd
+    # Every write to the journal now fails (EBADF: the descriptors are open for reading only).
+    writable, direct = j.fd, j.wfd
     j.fd = os.open(j.path, os.O_RDONLY | os.O_CLOEXEC)
+    if direct >= 0:
+        j.wfd = os.open(j.path, os.O_RDONLY | os.O_CLOEXEC)
     committer = Committer(journal=j)
     try:
         sp = SpoolFile(tmp)
@@ -244,6 +247,8 @@ def test_a_failing_journal_falls_back_to_fsync_and_loses_nothing(tmp_path: Path)
     finally:
         committer.close()
         os.close(writable)
+        if direct >= 0:
+            os.close(direct)
     assert (md / "new" / "a").read_bytes() == b"still delivered\r\n"
     assert (tmp_path / "mail" / "2" / "new" / "a").read_bytes() == b"still delivered\r\n"
     assert list(tmp.iterdir()) == []
@@ -269,7 +274,7 @@ def test_a_journal_with_a_bad_header_is_replaced_not_trusted(tmp_path: Path) -> 
     path.write_bytes(struct.pack("<4s", b"JUNK") + bytes(DATA_START * 2))
     j = Journal(path, tmp_path)  # no record in it was ever acknowledged: it starts afresh
     assert j.end == DATA_START
-    os.close(j.fd)
+    drop_journal(j)
     assert list(records(path)) == []
 
 
@@ -284,7 +289,7 @@ def test_a_journal_in_use_is_not_opened_or_replayed_by_another(tmp_path: Path) -
     assert replay_all(tmp_path).restored == 0  # skipped: the live process owns it
     assert not (md / "new" / "p").exists()
     assert [t for t, _ in records(path)] == [["mail/1/new/p"]]  # its header untouched
-    os.close(live.fd)
+    drop_journal(live)
     assert replay_all(tmp_path).restored == 1  # once released, the next start replays it
 
 
@@ -295,6 +300,56 @@ def test_an_append_of_more_buffers_than_one_pwritev_takes_is_whole(tmp_path: Pat
     assert [t for t, _ in records(path)] == [[f"mail/1/new/m{i}"] for i in range(400)]
     assert replay(path, tmp_path).restored == 400
     assert (md / "new" / "m399").read_bytes() == b"message 399\r\n"
+
+
+def test_direct_appends_of_any_length_keep_every_record_whole(tmp_path: Path) -> None:
+    """Appends start and end anywhere in a block (the block's earlier bytes are written again
+    with each one), and one bigger than the aligned buffer goes in pieces."""
+    md = _maildir(tmp_path, 1)
+    path = tmp_path / "journal" / "w0.log"
+    j = Journal(path, tmp_path)
+    if j.wfd < 0:
+        j.close()
+        pytest.skip("this filesystem refuses O_DIRECT: the appends go through the page cache")
+    sizes = [1, jmod.BLOCK - 1, jmod.BLOCK, jmod.BLOCK + 1, 10, jmod.DIRECT_BUFFER + 12345, 17]
+    expected = []
+    with j.lock:
+        for i, n in enumerate(sizes):
+            content = bytes([65 + i]) * n
+            j.append([Entry(content, [md / "new" / f"m{i}"])])
+            expected.append(([f"mail/1/new/m{i}"], content))
+        batch = [Entry(f"batch {k}\r\n".encode() * (k + 1), [md / "new" / f"b{k}"]) for k in range(30)]
+        j.append(batch)
+        expected += [([f"mail/1/new/b{k}"], e.content) for k, e in enumerate(batch)]
+        end = j.end
+    assert j.wfd >= 0  # no append fell back to the page cache
+    assert list(records(path)) == expected
+    raw = path.read_bytes()
+    assert raw[end:-(-end // jmod.BLOCK) * jmod.BLOCK] == bytes(-end % jmod.BLOCK)  # padded with zeros
+
+    j.checkpoint()  # nothing was placed: only the header moves, the journal starts over
+    with j.lock:
+        j.append([Entry(b"second lap\r\n", [md / "new" / "lap2"])])
+    drop_journal(j)
+    assert list(records(path)) == [(["mail/1/new/lap2"], b"second lap\r\n")]
+
+
+def test_the_last_partial_block_of_an_odd_sized_journal_takes_the_page_cache(tmp_path: Path) -> None:
+    md = _maildir(tmp_path, 1)
+    path = tmp_path / "journal" / "w0.log"
+    j = Journal(path, tmp_path, size=DATA_START + 3 * jmod.BLOCK + 100)
+    contents = [bytes([97 + i]) * 3040 for i in range(4)]  # the fourth ends in the last 100 octets
+    with j.lock:
+        for i, c in enumerate(contents):
+            j.append([Entry(c, [md / "new" / f"m{i}"])])
+        with pytest.raises(JournalFull):
+            j.append([Entry(b"no room\r\n", [md / "new" / "x"])])
+    assert [c for _, c in records(path)] == contents
+    j.checkpoint()
+    with j.lock:
+        j.append([Entry(b"after the lap\r\n", [md / "new" / "y"])])  # direct again, from the start
+    drop_journal(j)
+    assert [c for _, c in records(path)] == [b"after the lap\r\n"]
 
 
 def test_a_deletion_waits_for_the_checkpoint_of_its_record(tmp_path: Path) -> None:
@@ -333,4 +388,4 @@ def test_record_names_are_the_targets_relative_to_the_data_directory(tmp_path: P
                            root / "queue" / ".." / "mail" / "x", tmp_path.parent / "elsewhere"):
                 assert j._name(target) == os.path.relpath(target, root)
         finally:
-            os.close(j.fd)
+            drop_journal(j)

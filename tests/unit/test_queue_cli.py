@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from serpentmail.cli import main
 from serpentmail.queue.store import QueueStore
+from tests.helpers import drop_journal
 
 
 def _conf(tmp_path: Path) -> str:
@@ -91,7 +91,7 @@ def test_delete_waits_for_the_journal_and_refuses_an_item_only_a_replay_can_sett
     committer._q.put(None)
     for t in committer._threads:
         t.join(timeout=10)
-    os.close(journal.fd)
+    drop_journal(journal)
     capsys.readouterr()
 
     # Never placed (its files come at a checkpoint): listed and shown from the journal.

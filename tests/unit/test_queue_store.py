@@ -12,7 +12,7 @@ import pytest
 from serpentmail.queue.store import EnvelopeRecord, QueueError, QueueStore, valid_id
 from serpentmail.storage.journal import Journal, records, replay_all
 from serpentmail.storage.maildir import Committer, SpoolFile, SpoolPool
-from tests.helpers import watch_creations
+from tests.helpers import drop_journal, watch_creations
 
 
 def _spool(store: QueueStore, content: bytes) -> SpoolFile:
@@ -305,7 +305,7 @@ def _crash(committer: Committer, journal: Journal) -> None:
         committer._q.put(None)
     for t in committer._threads:
         t.join(timeout=10)
-    os.close(journal.fd)
+    drop_journal(journal)
 
 
 def _enqueue(store: QueueStore, content: bytes) -> str:

@@ -7,8 +7,10 @@ dot and our 250. The journal takes their place for local deliveries (and for the
 that the process running the queue accepts; see queue/store.py and the replay below):
 
 1. the message is appended to the journal file (header, its Maildir targets, its bytes, a
-   CRC-32) and the journal is ``fdatasync``'d: one flush (the file's size is fixed when it is
-   made; its first lap also writes the block map of the blocks it fills);
+   CRC-32) by one synchronous write: ``O_DIRECT`` with ``RWF_DSYNC`` where the filesystem
+   takes it (see :meth:`Journal._append_direct`), else a write and ``fdatasync``. One flush
+   either way (the file's size is fixed when it is made; its first lap also writes the block
+   map of the blocks it fills);
 2. the temp file is renamed (or linked) into each ``new/``, with no fsync, and the 250 is sent;
 3. a checkpoint, at most :data:`CHECKPOINT_SECONDS` later, runs ``syncfs`` on the filesystem
    (every rename and every file of the interval in one flush) and then advances the
@@ -40,9 +42,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import fcntl
 import json
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -65,6 +69,13 @@ DATA_START = 4096
 DEFAULT_SIZE = 64 << 20
 CHECKPOINT_SECONDS = 1.0
 MAX_RECORD = 1 << 20
+# Direct appends (Journal._append_direct): offsets, lengths and the buffer's address are
+# multiples of BLOCK (4 KiB covers every common logical block size); the page-aligned buffer
+# holds DIRECT_BUFFER octets, and a bigger append is written in pieces of that size.
+BLOCK = 4096
+DIRECT_BUFFER = 2 << 20
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+_RWF_DSYNC = getattr(os, "RWF_DSYNC", 0)
 REMOVED = "-"  # a target line starting with this names a file being removed (no content)
 QUEUE_PREFIX = "queue/"  # targets under this are queue files, not Maildir messages
 
@@ -125,6 +136,11 @@ class Journal:
         self.size = os.fstat(self.fd).st_size
         self.gen, _ = _read_header(self.fd)
         self.start = self.end = DATA_START
+        # The appends' descriptor (O_DIRECT), or -1: then they go through ``fd`` and the page
+        # cache. ``fd`` keeps the lock, the reads and the header.
+        self.wfd = _open_direct(path)
+        self._tail = b""  # the journal's bytes from the last block boundary to ``end``
+        self._buf: mmap.mmap | None = None  # the aligned buffer of the direct appends
         # Counts the checkpoints that took a snapshot: a record appended in the current epoch
         # is in no snapshot yet, so nothing has made it redundant (see :meth:`append_removal`).
         self.epoch = 0
@@ -247,14 +263,84 @@ class Journal:
         if self.end + total > self.size:
             raise JournalFull
         # A stale record of an earlier lap may follow ours: the scan stops at its generation.
-        _pwrite_all(self.fd, bufs, self.end)
-        if sync:
-            os.fdatasync(self.fd)
-        self.end += total
+        if self.wfd >= 0 and self._append_direct(bufs, total, sync):
+            self.end += total
+        else:
+            _pwrite_all(self.fd, bufs, self.end)
+            if sync:
+                os.fdatasync(self.fd)
+            self.end += total
+            if self.wfd >= 0:  # only the file's last block, not a whole one, was left for this append
+                self._tail = os.pread(self.fd, self.end % BLOCK, self.end - self.end % BLOCK)
         if self._since is None:
             self._since = time.monotonic()
         for t in targets:
             self._dirs.add(t.parent)
+
+    def _append_direct(self, bufs: list[bytes], total: int, sync: bool) -> bool:
+        """Write ``bufs`` (``total`` octets) at :attr:`end` through :attr:`wfd`; False if this
+        filesystem turns out to refuse direct writes (the caller writes them through the page
+        cache, as from now on every append).
+
+        Why: a buffered write and ``fdatasync`` copies the record into the page cache, hands it
+        to writeback and waits for it behind whatever else is being written back (the
+        mailboxes' own files, a checkpoint's ``syncfs``). A direct write goes to the device at
+        once, and ``RWF_DSYNC`` makes it durable in the same call (a write with FUA where the
+        device has a volatile cache and the blocks are already mapped; otherwise the kernel
+        flushes what O_DSYNC requires), with no copy in the page cache to write back later.
+        Per 100 KiB append (``python3 -m bench.micro flush [--busy]``, p50): 182-214 µs
+        against 211-237. In the server (``python3 -m bench.ab``, 10 pairs each): inbound
+        4 KiB at 1 session x1.033 msg/s and CPU x0.963, at 10 sessions x1.035 and x0.971;
+        100 KiB at 1 session x1.020 and x0.957.
+
+        Direct writes cover whole blocks, so the append starts at the block boundary before
+        :attr:`end`, with the bytes already there (:attr:`_tail`, kept from the last append),
+        and ends with zeros to the next boundary: a scan stops there, as at any stale byte."""
+        buf = self._buf
+        if buf is None:
+            buf = self._buf = mmap.mmap(-1, DIRECT_BUFFER)  # page-aligned, as O_DIRECT requires
+        tail = self._tail
+        first = self.end - len(tail)
+        length = len(tail) + total
+        if first + -(-length // BLOCK) * BLOCK > self.size:  # the file ends inside the last block
+            return False
+        whole = length <= DIRECT_BUFFER  # one write, durable by itself
+        flags = _RWF_DSYNC if sync and whole else 0
+        offset, pos = first, 0
+        try:
+            for piece in (tail, *bufs):
+                view = memoryview(piece)
+                while view:
+                    k = min(len(view), DIRECT_BUFFER - pos)
+                    buf[pos:pos + k] = view[:k]
+                    pos += k
+                    view = view[k:]
+                    if pos == DIRECT_BUFFER:
+                        _pwrite_direct(self.wfd, buf, pos, offset, 0)
+                        offset += pos
+                        pos = 0
+            keep = length % BLOCK
+            new_tail = bytes(buf[pos - keep:pos])
+            synced = False
+            if pos:
+                pad = -pos % BLOCK
+                buf[pos:pos + pad] = bytes(pad)
+                _pwrite_direct(self.wfd, buf, pos + pad, offset, flags)
+                synced = flags != 0
+            if sync and not synced:
+                os.fdatasync(self.wfd)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or offset != first:
+                raise
+            # Refused outright (an alignment this filesystem or device does not accept):
+            # nothing was written, and the page cache takes this append and the next ones.
+            log_event(log, "journal: direct writes refused, using the page cache", logging.WARNING,
+                      path=str(self.path), error=str(exc))
+            os.close(self.wfd)
+            self.wfd = -1
+            return False
+        self._tail = new_tail
+        return True
 
     def settle(self) -> None:
         """Wait until a checkpoint that is running has ended (at once if none is)."""
@@ -304,6 +390,7 @@ class Journal:
             if self.end == end:  # nothing new: start over at the beginning, a new generation
                 self.gen += 1
                 self.start = self.end = DATA_START
+                self._tail = b""
                 self._since = None
             else:
                 self.start = end
@@ -313,6 +400,9 @@ class Journal:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.checkpoint()
+        if self.wfd >= 0:
+            os.close(self.wfd)
+            self.wfd = -1
         os.close(self.fd)
 
 
@@ -325,6 +415,28 @@ def _pwrite_all(fd: int, bufs: list[bytes], offset: int) -> None:
         if n != want:
             raise OSError(f"short journal write ({n} of {want} octets)")
         offset += n
+
+
+def _pwrite_direct(fd: int, buf: mmap.mmap, length: int, offset: int, flags: int) -> None:
+    """The first ``length`` octets of ``buf`` (whole blocks) at ``offset``; raises on a short write."""
+    view = memoryview(buf)
+    try:
+        n = os.pwritev(fd, [view[:length]], offset, flags)
+    finally:
+        view.release()
+    if n != length:
+        raise OSError(f"short journal write ({n} of {length} octets)")
+
+
+def _open_direct(path: Path) -> int:
+    """``path`` opened again for the appends, with ``O_DIRECT``; -1 where that is refused (a
+    filesystem without direct I/O, a system without the flag or without ``RWF_DSYNC``)."""
+    if not _O_DIRECT or not _RWF_DSYNC:
+        return -1
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CLOEXEC | _O_DIRECT)
+    except OSError:
+        return -1
 
 
 def _create(path: Path, size: int) -> None:
