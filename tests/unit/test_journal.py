@@ -334,6 +334,26 @@ def test_direct_appends_of_any_length_keep_every_record_whole(tmp_path: Path) ->
     assert list(records(path)) == [(["mail/1/new/lap2"], b"second lap\r\n")]
 
 
+def test_a_refused_direct_write_falls_back_to_the_page_cache(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    md = _maildir(tmp_path, 1)
+    path = tmp_path / "journal" / "w0.log"
+    j = Journal(path, tmp_path)
+    if j.wfd < 0:
+        j.close()
+        pytest.skip("this filesystem refuses O_DIRECT: the appends go through the page cache")
+    with j.lock:
+        j.append([Entry(b"first\r\n", [md / "new" / "a"])])
+        # The next direct write would start one octet past a block boundary: the kernel refuses
+        # it (EINVAL), as a filesystem without direct I/O would.
+        j._tail = j._tail[1:]
+        j.append([Entry(b"second\r\n", [md / "new" / "b"])])
+        assert j.wfd == -1  # from now on, the page cache
+        j.append([Entry(b"third\r\n", [md / "new" / "c"])])
+    drop_journal(j)
+    assert [c for _, c in records(path)] == [b"first\r\n", b"second\r\n", b"third\r\n"]
+    assert "direct writes refused" in caplog.text
+
+
 def test_the_last_partial_block_of_an_odd_sized_journal_takes_the_page_cache(tmp_path: Path) -> None:
     md = _maildir(tmp_path, 1)
     path = tmp_path / "journal" / "w0.log"
