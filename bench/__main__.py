@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     nofile = raise_nofile(65536)
     if nofile < 21000:
         console.print(f"[yellow]open files limit is {nofile}: the 10,000-connection memory run may fall short[/]")
+    if _cpus() < (os.cpu_count() or 1):
+        # Inherited by every server and client started here (`taskset -c 0-N python3 -m bench`).
+        console.print(f"[yellow]this process may run on {_cpus()} of the machine's {os.cpu_count()} CPUs "
+                      "(its CPU affinity), and so may every server it starts[/]")
 
     if args.settle and settle_remaining() > 0:
         with Progress(TextColumn("waiting for the disk to settle after the last clean-up"), BarColumn(),
