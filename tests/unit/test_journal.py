@@ -302,15 +302,21 @@ def test_an_append_of_more_buffers_than_one_pwritev_takes_is_whole(tmp_path: Pat
     assert (md / "new" / "m399").read_bytes() == b"message 399\r\n"
 
 
+def _direct_journal(root: Path) -> Journal:
+    """A journal whose appends are direct writes (skips the test where the filesystem refuses)."""
+    j = Journal(root / "journal" / "w0.log", root)
+    if j.wfd < 0:
+        j.close()
+        pytest.skip("this filesystem refuses O_DIRECT: the appends go through the page cache")
+    return j
+
+
 def test_direct_appends_of_any_length_keep_every_record_whole(tmp_path: Path) -> None:
     """Appends start and end anywhere in a block (the block's earlier bytes are written again
     with each one), and one bigger than the aligned buffer goes in pieces."""
     md = _maildir(tmp_path, 1)
-    path = tmp_path / "journal" / "w0.log"
-    j = Journal(path, tmp_path)
-    if j.wfd < 0:
-        j.close()
-        pytest.skip("this filesystem refuses O_DIRECT: the appends go through the page cache")
+    j = _direct_journal(tmp_path)
+    path = j.path
     sizes = [1, jmod.BLOCK - 1, jmod.BLOCK, jmod.BLOCK + 1, 10, jmod.DIRECT_BUFFER + 12345, 17]
     expected = []
     with j.lock:
@@ -336,11 +342,8 @@ def test_direct_appends_of_any_length_keep_every_record_whole(tmp_path: Path) ->
 
 def test_a_refused_direct_write_falls_back_to_the_page_cache(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     md = _maildir(tmp_path, 1)
-    path = tmp_path / "journal" / "w0.log"
-    j = Journal(path, tmp_path)
-    if j.wfd < 0:
-        j.close()
-        pytest.skip("this filesystem refuses O_DIRECT: the appends go through the page cache")
+    j = _direct_journal(tmp_path)
+    path = j.path
     with j.lock:
         j.append([Entry(b"first\r\n", [md / "new" / "a"])])
         # The next direct write would start one octet past a block boundary: the kernel refuses
