@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -51,3 +52,27 @@ def test_a_refused_pin_is_not_an_error_and_not_retried(monkeypatch: pytest.Monke
     pin.update(0)
     pin.update(4)
     assert calls == [{0}] and not pin.pinned
+
+
+def test_pool_threads_started_while_the_loop_is_pinned_get_every_cpu_back() -> None:
+    """A thread inherits its creator's affinity: without the initializer, a pool thread started
+    under load stays on the loop's CPU for good (as the server's did before)."""
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.skip("needs two CPUs")
+    seen: dict[str, set[int]] = {}
+
+    def loop_thread() -> None:
+        pin = CpuPin.for_worker(0)
+        assert pin is not None
+        pin.update(2)  # busy: this thread is pinned, and starts the pools' threads now
+        with ThreadPoolExecutor(1) as plain, ThreadPoolExecutor(1, initializer=pin.free_thread) as freed:
+            seen["plain"] = plain.submit(os.sched_getaffinity, 0).result()
+            seen["freed"] = freed.submit(os.sched_getaffinity, 0).result()
+        seen["loop"] = os.sched_getaffinity(0)
+
+    t = threading.Thread(target=loop_thread)
+    t.start()
+    t.join()
+    mine = {sorted(allowed)[0]}
+    assert seen == {"plain": mine, "freed": allowed, "loop": mine}

@@ -17,8 +17,8 @@ class CpuPin:
     went 29% slower, because its connection's worker could no longer run beside it on the
     other CPU. So the thread is pinned from its second session on and freed again when it has
     none. Only the calling thread is affected (``sched_setaffinity(0, ...)`` on Linux): the
-    committer, started with the server, stays free; a pool thread started while the loop is
-    pinned inherits the pin."""
+    committer, started with the server, stays free, and so do the threads of the worker's
+    pool, started by the loop thread: they free themselves first (:meth:`free_thread`)."""
 
     def __init__(self, cpu: int, allowed: set[int]) -> None:
         self.cpu = cpu
@@ -35,6 +35,17 @@ class CpuPin:
         if len(allowed) < 2:
             return None
         return cls(sorted(allowed)[index % len(allowed)], set(allowed))
+
+    def free_thread(self) -> None:
+        """Give the calling thread every allowed CPU again: the initializer of the worker's
+        thread pool (server/run.py). A thread inherits its creator's affinity, so a pool
+        thread started while the loop was pinned would otherwise stay on the loop's CPU for
+        good, long after the load that pinned it: password checks, mailbox scans and POP3
+        deletions then queue behind the event loop instead of using the idle CPU."""
+        try:
+            os.sched_setaffinity(0, self.allowed)
+        except OSError:
+            pass
 
     def update(self, sessions: int) -> None:
         if self.failed:

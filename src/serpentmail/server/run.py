@@ -18,6 +18,7 @@ import signal
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -207,7 +208,10 @@ class Server:
         self.ctx = ServerContext(cfg, accounts, Committer(journal=journal), tls, recycler=recycler,
                                  spare_name=spare_name)
         if self.worker_count > 1:
-            self.ctx.cpu_pin = CpuPin.for_worker(self.worker_index)
+            pin = self.ctx.cpu_pin = CpuPin.for_worker(self.worker_index)
+            if pin is not None:  # the pool's threads are not to inherit the loop's pin
+                asyncio.get_running_loop().set_default_executor(
+                    ThreadPoolExecutor(thread_name_prefix="worker-pool", initializer=pin.free_thread))
         steering: Steering | None = None
         if (self.prebound is not None and self.peers is not None and self.worker_count > 1
                 and self.worker_index == self.worker_count - 1):
