@@ -596,13 +596,21 @@ def test_an_unusable_data_dir_is_one_clear_error(tmp_path: Path, workers: int) -
 
 def test_each_started_line_says_whether_the_modules_run_compiled(tmp_path: Path) -> None:
     # The server imports what this test imports (scripts/test.sh runs the suite once against
-    # the compiled build, PYTHONPATH reaching the server too): each worker says so in its log.
+    # the compiled build, PYTHONPATH reaching the server too): each worker says so in its log,
+    # and how its delivery journal writes (direct where this filesystem takes O_DIRECT).
     from serpentmail import compiled_modules
 
     conf, ports = _conf(tmp_path, workers=2)
     expect = "compiled=yes" if compiled_modules() else "compiled=no"
+    probe = tmp_path / "direct-probe"
+    probe.write_bytes(b"")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | getattr(os, "O_DIRECT", 0)))
+        journal = "journal=direct"
+    except OSError:
+        journal = "journal=fdatasync"
     with serve(conf, ports, 2):
         _wait(lambda: (tmp_path / "serve.log").read_text().count("serpentmail.server: started") >= 2)
         started = [line for line in (tmp_path / "serve.log").read_text().splitlines()
                    if "serpentmail.server: started" in line]
-    assert len(started) == 2 and all(expect in line for line in started), started
+    assert len(started) == 2 and all(expect in line and journal in line for line in started), started

@@ -261,9 +261,13 @@ class Server:
             # 10 sessions (8 pairs): CPU per message x0.95, msg/s unchanged.
             gc.set_threshold(20_000, 10, 10)
         extra = {"worker": f"{self.worker_index + 1}/{self.worker_count}"} if self.worker_count > 1 else {}
+        # How the delivery journal makes its records durable (storage/journal.py): direct writes,
+        # page-cache writes + fdatasync where the filesystem refuses them, or no journal at all.
+        journal = self.ctx.committer.journal
+        journal_mode = "off" if journal is None else "direct" if journal.wfd >= 0 else "fdatasync"
         log_event(log, "started", hostname=cfg.hostname, data_dir=str(cfg.data_dir),
                   listeners=" ".join(f"{k}={e}" for k, e in self.bound),
-                  compiled="yes" if compiled_modules() else "no", **extra)
+                  compiled="yes" if compiled_modules() else "no", journal=journal_mode, **extra)
 
     async def stop(self, grace: float = 30.0) -> None:
         if self.ctx is not None and self.ctx.steering is not None:
