@@ -16,6 +16,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -592,6 +593,49 @@ def test_an_unusable_data_dir_is_one_clear_error(tmp_path: Path, workers: int) -
     assert res.returncode != 0
     assert f"cannot start: cannot use data directory {tmp_path / 'afile' / 'data'}: Not a directory" in res.stderr
     assert "Traceback" not in res.stderr + res.stdout
+
+
+def test_pool_threads_started_under_load_get_every_cpu_back(tmp_path: Path) -> None:
+    """A busy worker pins its event-loop thread to one CPU (server/cpupin.py), and a thread
+    inherits the affinity of the thread that starts it. Eight sessions log in at once, so
+    password checks start pool threads while the loops hold several sessions each; once the
+    sessions are gone, no thread of any worker may be left on one CPU."""
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.skip("needs two CPUs: on one, nothing is pinned")
+    conf, ports = _conf(tmp_path, workers=2)
+    together = threading.Barrier(8)
+    failures: list[BaseException] = []
+
+    def session() -> None:
+        try:
+            with smtplib.SMTP(HOST, ports["submission"], timeout=20) as s:
+                s.starttls(context=_tls())
+                together.wait(20)  # every session connected: the workers' loops are pinned
+                s.login("bill@w.test", "billpw")
+                together.wait(20)
+        except BaseException as exc:  # reported below, from the test's own thread
+            failures.append(exc)
+
+    def threads_on_fewer_cpus(pid: int) -> list[str]:
+        narrow = []
+        for worker in _children(pid):
+            for task in Path(f"/proc/{worker}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.sched_getaffinity(int(task.name)) != allowed:
+                        narrow.append(f"{worker}/{task.name} {(task / 'comm').read_text().strip()}")
+        return narrow
+
+    with serve(conf, ports, 2) as proc:
+        clients = [threading.Thread(target=session) for _ in range(8)]
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join(60)
+        assert not failures, failures
+        with contextlib.suppress(AssertionError):
+            _wait(lambda: not threads_on_fewer_cpus(proc.pid), timeout=5)
+        assert threads_on_fewer_cpus(proc.pid) == []
 
 
 def test_each_started_line_says_whether_the_modules_run_compiled(tmp_path: Path) -> None:
