@@ -406,26 +406,25 @@ class Journal:
         os.close(self.fd)
 
 
-def _pwrite_all(fd: int, bufs: list[bytes], offset: int) -> None:
-    """``pwritev`` of every buffer, at most 1,024 (IOV_MAX) per call; raises on a short write."""
+def _pwrite_all(fd: int, bufs: list[bytes] | list[memoryview], offset: int, flags: int = 0) -> None:
+    """``pwritev`` of every buffer, at most 1,024 (IOV_MAX) per call, with ``flags``; raises on
+    a short write."""
     for i in range(0, len(bufs), 1024):
         part = bufs[i:i + 1024]
         want = sum(len(b) for b in part)
-        n = os.pwritev(fd, part, offset)
+        n = os.pwritev(fd, part, offset, flags)
         if n != want:
             raise OSError(f"short journal write ({n} of {want} octets)")
         offset += n
 
 
 def _pwrite_direct(fd: int, buf: mmap.mmap, length: int, offset: int, flags: int) -> None:
-    """The first ``length`` octets of ``buf`` (whole blocks) at ``offset``; raises on a short write."""
+    """The first ``length`` octets of ``buf`` (whole blocks) at ``offset``."""
     view = memoryview(buf)
     try:
-        n = os.pwritev(fd, [view[:length]], offset, flags)
+        _pwrite_all(fd, [view[:length]], offset, flags)
     finally:
         view.release()
-    if n != length:
-        raise OSError(f"short journal write ({n} of {length} octets)")
 
 
 def _open_direct(path: Path) -> int:
