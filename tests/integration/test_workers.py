@@ -648,11 +648,11 @@ def test_each_started_line_says_whether_the_modules_run_compiled(tmp_path: Path)
     expect = "compiled=yes" if compiled_modules() else "compiled=no"
     probe = tmp_path / "direct-probe"
     probe.write_bytes(b"")
-    try:
-        os.close(os.open(probe, os.O_WRONLY | getattr(os, "O_DIRECT", 0)))
-        journal = "journal=direct"
-    except OSError:
-        journal = "journal=fdatasync"
+    journal = "journal=fdatasync"  # a system without O_DIRECT, or a filesystem refusing it
+    if hasattr(os, "O_DIRECT"):
+        with contextlib.suppress(OSError):
+            os.close(os.open(probe, os.O_WRONLY | os.O_DIRECT))
+            journal = "journal=direct"
     with serve(conf, ports, 2):
         _wait(lambda: (tmp_path / "serve.log").read_text().count("serpentmail.server: started") >= 2)
         started = [line for line in (tmp_path / "serve.log").read_text().splitlines()
