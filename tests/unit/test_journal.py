@@ -412,3 +412,39 @@ def test_record_names_are_the_targets_relative_to_the_data_directory(tmp_path: P
                 assert j._name(target) == os.path.relpath(target, root)
         finally:
             drop_journal(j)
+
+
+def test_a_record_holds_the_pieces_the_session_wrote_and_replays_byte_for_byte(tmp_path: Path) -> None:
+    """A journaled commit makes its record from the pieces the spool kept as it was written (no
+    read back), one checksum over them all; a spool that could not keep them (written from a
+    memoryview) is read back. After a crash that lost the renames, the replay restores each
+    message as it was written."""
+    md = _maildir(tmp_path, 1)
+    tmp = _mk(tmp_path / "tmp")
+    j = Journal(tmp_path / "journal" / "w0.log", tmp_path)
+    committer = Committer(journal=j)
+    committer._stop.set()  # no checkpoint: the records must still be there to read
+    three, many, viewed = SpoolFile(tmp), SpoolFile(tmp), SpoolFile(tmp)
+    for piece in (b"Received: by test\r\n", b"Subject: three pieces\r\n\r\n", b"body\r\n" * 500):
+        three.write(piece)
+    written = b"Received: by test\r\nSubject: three pieces\r\n\r\n" + b"body\r\n" * 500
+    # What the session wrote is the message: the file changed behind its back is not.
+    os.pwrite(three.fd, b"X" * len(written), 0)
+    for i in range(100):  # more pieces than one record takes as they are: joined
+        many.write(f"line {i}\r\n".encode())
+    viewed.write(memoryview(b"from a memoryview\r\n"))
+    try:
+        for name, spool in (("three", three), ("many", many), ("viewed", viewed)):
+            committer.commit_now(spool, [md / "new" / name], keep_spool=True, journal=True)
+        assert [t for t, _ in records(j.path)] == [["mail/1/new/three"], ["mail/1/new/many"], ["mail/1/new/viewed"]]
+        assert three.kept is None and many.kept is None  # released once the record was made
+        on_disk = j.path.read_bytes()  # the journal as a crash now would leave it
+    finally:
+        committer.close()
+    j.path.write_bytes(on_disk)  # (the clean stop's last checkpoint undone)
+    for name in ("three", "many", "viewed"):
+        (md / "new" / name).unlink()  # lost with the page cache
+    assert replay(j.path, tmp_path).restored == 3
+    assert (md / "new" / "three").read_bytes() == written
+    assert (md / "new" / "many").read_bytes() == b"".join(f"line {i}\r\n".encode() for i in range(100))
+    assert (md / "new" / "viewed").read_bytes() == b"from a memoryview\r\n"

@@ -49,3 +49,26 @@ def test_spares_are_made_in_a_thread_and_named_when_taken(tmp_path: Path, monkey
     assert left == len(pool) > 0
     pool.close()
     assert list(spare_dir.iterdir()) == []
+
+
+def test_a_spool_given_back_is_written_over_and_keeps_only_its_new_pieces(tmp_path: Path) -> None:
+    """give(): a delivered queue item's spool goes back to the pool as it is. Its next message
+    is written over the old one from the start, and what it keeps for the journal's record
+    (``kept``) is that message alone."""
+    from serpentmail.storage.maildir import _read_spool
+
+    pool = SpoolPool(tmp_path, 4)
+    first = SpoolFile(tmp_path)
+    first.write(b"an earlier, longer message\r\n")
+    pool.give(first)
+
+    async def take() -> SpoolFile:  # take() runs on the event loop
+        return pool.take()
+
+    again = asyncio.run(take())
+    assert again is first
+    again.write(b"the next one\r\n")
+    assert again.kept == [b"the next one\r\n"]  # the record comes from memory, not a read back
+    assert _read_spool(again) == [b"the next one\r\n"]
+    again.trim()  # as the commit does: what is left of the earlier message goes
+    assert again.path.read_bytes() == b"the next one\r\n"

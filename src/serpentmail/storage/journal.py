@@ -101,7 +101,7 @@ def syncfs(fd: int) -> None:
 class Entry:
     """One message to journal: its bytes and where they go (absolute paths under the root)."""
 
-    content: bytes
+    content: bytes | list[bytes]  # the message, whole or in the pieces it arrived in
     targets: list[Path]
 
 
@@ -209,7 +209,7 @@ class Journal:
         checkpointer thread within a quarter of a second."""
         self.removals.extend(REMOVED + self._name(t) for t in targets)
 
-    def _take_removals(self) -> list[tuple[list[str], bytes]]:
+    def _take_removals(self) -> list[tuple[list[str], bytes | list[bytes]]]:
         """The queued removal names as one record to write (call with :attr:`lock` held)."""
         with self.place_lock:
             names, self.removals = self.removals, []
@@ -247,19 +247,26 @@ class Journal:
             return name[len(self._prefix):]
         return os.path.relpath(target, self.root)
 
-    def _write(self, recs: list[tuple[list[str], bytes]], targets: list[Path], *, sync: bool) -> None:
+    def _write(self, recs: list[tuple[list[str], bytes | list[bytes]]], targets: list[Path], *, sync: bool) -> None:
         """Append one record per (target names, content) at the end, ``fdatasync`` if ``sync``;
-        the queued removal records go first."""
+        the queued removal records go first. A content may come in pieces (written one after
+        the other, with one checksum over them all)."""
         if self.removals:
             self._write_removals()
         bufs: list[bytes] = []
         total = 0
         for names, content in recs:
+            pieces = content if isinstance(content, list) else [content]
             meta = "\n".join(names).encode()
-            head = RECORD.pack(RECORD_MAGIC, self.gen, len(meta), len(content), zlib.crc32(content, zlib.crc32(meta)), 0)
+            crc = zlib.crc32(meta)
+            size = 0
+            for piece in pieces:
+                crc = zlib.crc32(piece, crc)
+                size += len(piece)
+            head = RECORD.pack(RECORD_MAGIC, self.gen, len(meta), size, crc, 0)
             head = head[:-4] + struct.pack("<I", zlib.crc32(head[:-4]))
-            bufs += (head, meta, content)
-            total += len(head) + len(meta) + len(content)
+            bufs += (head, meta, *pieces)
+            total += len(head) + len(meta) + size
         if self.end + total > self.size:
             raise JournalFull
         # A stale record of an earlier lap may follow ours: the scan stops at its generation.
