@@ -22,7 +22,7 @@ from serpentmail.storage.journal import (
     replay_all,
     wait_checkpointed,
 )
-from serpentmail.storage.maildir import CommitJob, Committer, SpoolFile, ensure_maildir
+from serpentmail.storage.maildir import KEEP_MAX, CommitJob, Committer, SpoolFile, ensure_maildir
 from tests.helpers import drop_journal
 
 
@@ -433,18 +433,24 @@ def test_a_record_holds_the_pieces_the_session_wrote_and_replays_byte_for_byte(t
     for i in range(100):  # more pieces than one record takes as they are: joined
         many.write(f"line {i}\r\n".encode())
     viewed.write(memoryview(b"from a memoryview\r\n"))
+    big = SpoolFile(tmp)  # more than a session keeps in memory: read back
+    big_content = b"b" * KEEP_MAX + b"\r\n"
+    big.write(big_content[:1000])
+    big.write(big_content[1000:])
+    assert big.kept is None
     try:
-        for name, spool in (("three", three), ("many", many), ("viewed", viewed)):
+        for name, spool in (("three", three), ("many", many), ("viewed", viewed), ("big", big)):
             committer.commit_now(spool, [md / "new" / name], keep_spool=True, journal=True)
-        assert [t for t, _ in records(j.path)] == [["mail/1/new/three"], ["mail/1/new/many"], ["mail/1/new/viewed"]]
+        assert [t for t, _ in records(j.path)] == [[f"mail/1/new/{n}"] for n in ("three", "many", "viewed", "big")]
         assert three.kept is None and many.kept is None  # released once the record was made
         on_disk = j.path.read_bytes()  # the journal as a crash now would leave it
     finally:
         committer.close()
     j.path.write_bytes(on_disk)  # (the clean stop's last checkpoint undone)
-    for name in ("three", "many", "viewed"):
+    for name in ("three", "many", "viewed", "big"):
         (md / "new" / name).unlink()  # lost with the page cache
-    assert replay(j.path, tmp_path).restored == 3
+    assert replay(j.path, tmp_path).restored == 4
     assert (md / "new" / "three").read_bytes() == written
     assert (md / "new" / "many").read_bytes() == b"".join(f"line {i}\r\n".encode() for i in range(100))
     assert (md / "new" / "viewed").read_bytes() == b"from a memoryview\r\n"
+    assert (md / "new" / "big").read_bytes() == big_content

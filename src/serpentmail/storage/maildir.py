@@ -58,7 +58,7 @@ from typing import Any, ClassVar
 
 from ..log import log_event
 from .fsutil import blank, fsync_dir
-from .journal import CHECKPOINT_SECONDS, MAX_RECORD, Entry, Journal, JournalFull
+from .journal import CHECKPOINT_SECONDS, Entry, Journal, JournalFull
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +88,11 @@ def unique_name() -> str:
 
 
 # What a spool file keeps in memory of what it was written (SpoolFile.kept): a journaled
-# record is made from these pieces instead of being read back from the file. The journal's own
-# record limit (journal.MAX_RECORD), so that every message it can take comes from memory.
-KEEP_MAX = MAX_RECORD
+# record is made from these pieces instead of being read back from the file. Below the
+# journal's record limit (journal.MAX_RECORD, 1 MiB): the pieces stay in memory until the
+# commit, and a session receiving a bigger message should not hold that much of it; such a
+# message is read back, as every one was before.
+KEEP_MAX = 256 << 10
 
 
 class SpoolFile:
