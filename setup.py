@@ -8,8 +8,10 @@ C compiler builds each as an extension module beside its ``.py`` source, which s
 package: Python imports the extension first. The code is the same; it runs with fewer
 interpreter steps per protocol command (measured in bench/README.md).
 
-Beside them it builds one small hand-written C module, ``serpentmail._scan`` (DATA's bare
-CR/LF check in one memchr pass; see src/serpentmail/_scan.c), under the same rules.
+Beside them it builds two small hand-written C modules under the same rules:
+``serpentmail._scan`` (DATA's bare CR/LF check in one memchr pass; src/serpentmail/_scan.c)
+and ``serpentmail._commit`` (the delivery journal's append and the renames after it in one
+call, without the interpreter's lock in between; src/serpentmail/_commit.c).
 
 Nothing depends on it. The modules run as ordinary Python when:
 
@@ -83,7 +85,7 @@ class _MypycBuildExt(build_ext):
         # sources: run mypyc for a command that builds, not for those.
         building = bool(set(self.distribution.commands) & _BUILDING)
         if not self.distribution.ext_modules and building and not _pure() and not editable:
-            self.distribution.ext_modules = [*_mypycify(), _scan_extension()]
+            self.distribution.ext_modules = [*_mypycify(), *_c_extensions()]
         super().finalize_options()
 
     def run(self) -> None:
@@ -141,12 +143,15 @@ def _parallel_compile(compiler: Any, sources: list[str], output_dir: str | None 
     return list(objects)
 
 
-def _scan_extension() -> Any:
-    """serpentmail._scan: DATA's bare CR/LF check in C (src/serpentmail/_scan.c), built with
-    the mypyc modules and, like them, optional (proto/smtp_server.py falls back to Python)."""
+def _c_extensions() -> list[Any]:
+    """The hand-written C modules, built with the mypyc modules and, like them, optional:
+    serpentmail._scan, DATA's bare CR/LF check (src/serpentmail/_scan.c; proto/smtp_server.py
+    falls back to Python), and serpentmail._commit, the journal's append and the renames after
+    it in one call (src/serpentmail/_commit.c; storage/journal.py falls back to Python)."""
     from setuptools import Extension
 
-    return Extension("serpentmail._scan", ["src/serpentmail/_scan.c"])
+    return [Extension("serpentmail._scan", ["src/serpentmail/_scan.c"]),
+            Extension("serpentmail._commit", ["src/serpentmail/_commit.c"])]
 
 
 def _mypycify() -> list[Any]:

@@ -454,3 +454,33 @@ def test_a_record_holds_the_pieces_the_session_wrote_and_replays_byte_for_byte(t
     assert (md / "new" / "many").read_bytes() == b"".join(f"line {i}\r\n".encode() for i in range(100))
     assert (md / "new" / "viewed").read_bytes() == b"from a memoryview\r\n"
     assert (md / "new" / "big").read_bytes() == big_content
+
+
+def test_a_batch_places_each_file_and_reports_the_one_whose_mailbox_is_gone(tmp_path: Path) -> None:
+    """The renames and links after a journaled batch's flush (one call with the write where
+    the C module is built): each job's outcome is its own. The job whose mailbox vanished gets
+    the error (the session answers 451) and leaves no file behind; the others are in place."""
+    md1, md2 = _maildir(tmp_path, 1), _maildir(tmp_path, 2)
+    tmp = _mk(tmp_path / "tmp")
+    j = Journal(tmp_path / "journal" / "w0.log", tmp_path)
+    committer = Committer(journal=j)
+    outcomes: dict[str, BaseException | None] = {}
+    jobs = []
+    for name, links, single in (("one", [md1 / "new" / "one"], True),
+                                ("lost", [tmp_path / "mail" / "9" / "new" / "lost"], True),
+                                ("both", [md1 / "new" / "both", md2 / "new" / "both"], False)):
+        sp = SpoolFile(tmp)
+        sp.write(f"Subject: {name}\r\n\r\n".encode())
+        jobs.append(CommitJob(sp, links, lambda err, name=name: outcomes.__setitem__(name, err),
+                              keep_spool=single, journal=True))
+    try:
+        committer._commit(jobs, wake=False)
+    finally:
+        committer.close()
+    assert outcomes["one"] is None and outcomes["both"] is None
+    lost = outcomes["lost"]
+    assert isinstance(lost, FileNotFoundError)
+    assert (md1 / "new" / "one").read_bytes() == b"Subject: one\r\n\r\n"
+    assert (md1 / "new" / "both").read_bytes() == (md2 / "new" / "both").read_bytes() == b"Subject: both\r\n\r\n"
+    assert list(tmp.iterdir()) == []  # every temp name gone: renamed, unlinked after its links, or cleaned
+    assert all(job.spool.closed and job.done for job in jobs)

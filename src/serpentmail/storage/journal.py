@@ -59,6 +59,18 @@ from pathlib import Path
 from ..log import log_event
 from .fsutil import JournalBusy, fsync_dir, write_durably
 
+# File operations that follow a durable append (Journal.append's ``then``): (kind, job, a, b),
+# kind one of these, ``job`` the index of the job it belongs to, ``a`` a descriptor (close) or
+# a path, ``b`` the second path of a rename or link. See :func:`run_ops`.
+OP_CLOSE, OP_RENAME, OP_LINK, OP_UNLINK = 0, 1, 2, 3
+FileOp = tuple[int, int, int | bytes, bytes]
+
+_write_then: Callable[[int, mmap.mmap, int, int, int, list[FileOp], int], tuple[int, list[int]]] | None
+try:  # the append and the operations in one call (src/serpentmail/_commit.c), when built
+    from .._commit import write_then as _write_then
+except ImportError:
+    _write_then = None
+
 log = logging.getLogger(__name__)
 
 HEADER = struct.Struct("<4sQQI")  # magic, generation, start offset, crc32 of the three
@@ -164,11 +176,17 @@ class Journal:
     def pending_since(self) -> float | None:
         return self._since
 
-    def append(self, entries: list[Entry]) -> None:
-        """Write ``entries`` and make them durable (one ``fdatasync``); call with :attr:`lock`
-        held. Raises :class:`JournalFull` when they do not fit, OSError when the write fails."""
-        self._write([([self._name(t) for t in e.targets], e.content) for e in entries],
-                    [t for e in entries for t in e.targets], sync=True)
+    def append(self, entries: list[Entry], then: list[FileOp] | None = None, jobs: int = 0) -> list[int]:
+        """Write ``entries`` and make them durable (one flush); call with :attr:`lock` held.
+        Raises :class:`JournalFull` when they do not fit, OSError when the write fails.
+
+        ``then``: file operations to run once the records are durable (only then), for
+        ``jobs`` jobs; returns one errno per job as :func:`run_ops` does (all 0 when there are
+        none). A direct append runs them in the same call as its write where the C module is
+        built (:data:`_write_then`): the committer thread then takes the interpreter's lock
+        back once for the write and the renames, instead of once per system call."""
+        return self._write([([self._name(t) for t in e.targets], e.content) for e in entries],
+                           [t for e in entries for t in e.targets], sync=True, then=then, jobs=jobs)
 
     def append_removal(self, targets: list[Path]) -> None:
         """Record that ``targets`` are being removed (call with :attr:`lock` held, before
@@ -247,7 +265,8 @@ class Journal:
             return name[len(self._prefix):]
         return os.path.relpath(target, self.root)
 
-    def _write(self, recs: list[tuple[list[str], bytes | list[bytes]]], targets: list[Path], *, sync: bool) -> None:
+    def _write(self, recs: list[tuple[list[str], bytes | list[bytes]]], targets: list[Path], *, sync: bool,
+               then: list[FileOp] | None = None, jobs: int = 0) -> list[int]:
         """Append one record per (target names, content) at the end, ``fdatasync`` if ``sync``;
         the queued removal records go first. A content may come in pieces (written one after
         the other, with one checksum over them all)."""
@@ -270,7 +289,8 @@ class Journal:
         if self.end + total > self.size:
             raise JournalFull
         # A stale record of an earlier lap may follow ours: the scan stops at its generation.
-        if self.wfd >= 0 and self._append_direct(bufs, total, sync):
+        errors = self._append_direct(bufs, total, sync, then, jobs) if self.wfd >= 0 else None
+        if errors is not None:
             self.end += total
         else:
             _pwrite_all(self.fd, bufs, self.end)
@@ -279,15 +299,19 @@ class Journal:
             self.end += total
             if self.wfd >= 0:  # only the file's last block, not a whole one, was left for this append
                 self._tail = os.pread(self.fd, self.end % BLOCK, self.end - self.end % BLOCK)
+            errors = run_ops(then, jobs) if then else [0] * jobs
         if self._since is None:
             self._since = time.monotonic()
         for t in targets:
             self._dirs.add(t.parent)
+        return errors
 
-    def _append_direct(self, bufs: list[bytes], total: int, sync: bool) -> bool:
-        """Write ``bufs`` (``total`` octets) at :attr:`end` through :attr:`wfd`; False if this
-        filesystem turns out to refuse direct writes (the caller writes them through the page
-        cache, as from now on every append).
+    def _append_direct(self, bufs: list[bytes], total: int, sync: bool, then: list[FileOp] | None,
+                       jobs: int) -> list[int] | None:
+        """Write ``bufs`` (``total`` octets) at :attr:`end` through :attr:`wfd`, then the file
+        operations ``then`` (:meth:`append`), and return their errors; None if this
+        filesystem turns out to refuse direct writes (nothing was written or run: the caller
+        writes them through the page cache, as from now on every append).
 
         Why: a buffered write and ``fdatasync`` copies the record into the page cache, hands it
         to writeback and waits for it behind whatever else is being written back (the
@@ -310,10 +334,11 @@ class Journal:
         first = self.end - len(tail)
         length = len(tail) + total
         if first + -(-length // BLOCK) * BLOCK > self.size:  # the file ends inside the last block
-            return False
+            return None
         whole = length <= DIRECT_BUFFER  # one write, durable by itself
         flags = _RWF_DSYNC if sync and whole else 0
         offset, pos = first, 0
+        errors: list[int] | None = None  # set when the operations ran with the last write
         try:
             for piece in (tail, *bufs):
                 view = memoryview(piece)
@@ -332,7 +357,14 @@ class Journal:
             if pos:
                 pad = -pos % BLOCK
                 buf[pos:pos + pad] = bytes(pad)
-                _pwrite_direct(self.wfd, buf, pos + pad, offset, flags)
+                if then and flags and _write_then is not None:
+                    n, errors = _write_then(self.wfd, buf, pos + pad, offset, flags, then, jobs)
+                    if n < 0:
+                        raise OSError(-n, os.strerror(-n))
+                    if n != pos + pad:
+                        raise OSError(f"short journal write ({n} of {pos + pad} octets)")
+                else:
+                    _pwrite_direct(self.wfd, buf, pos + pad, offset, flags)
                 synced = flags != 0
             if sync and not synced:
                 os.fdatasync(self.wfd)
@@ -345,9 +377,11 @@ class Journal:
                       path=str(self.path), error=str(exc))
             os.close(self.wfd)
             self.wfd = -1
-            return False
+            return None
         self._tail = new_tail
-        return True
+        if errors is None:
+            errors = run_ops(then, jobs) if then else [0] * jobs
+        return errors
 
     def settle(self) -> None:
         """Wait until a checkpoint that is running has ended (at once if none is)."""
@@ -411,6 +445,30 @@ class Journal:
             os.close(self.wfd)
             self.wfd = -1
         os.close(self.fd)
+
+
+def run_ops(ops: list[FileOp], jobs: int) -> list[int]:
+    """Run file operations (see :data:`FileOp`) in order, as ``_commit.write_then`` does after
+    its write: close, rename, link, or unlink (whose failure is ignored: a leftover temp name is
+    harmless). Once an operation of a job fails, that job's others are skipped. Returns one
+    errno per job, 0 where all of its operations were done."""
+    errors = [0] * jobs
+    for kind, job, a, b in ops:
+        if errors[job]:
+            continue
+        try:
+            if isinstance(a, int):
+                os.close(a)  # OP_CLOSE, the one operation on a descriptor
+            elif kind == OP_RENAME:
+                os.rename(a, b)
+            elif kind == OP_LINK:
+                os.link(a, b)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(a)
+        except OSError as exc:
+            errors[job] = exc.errno or errno.EIO
+    return errors
 
 
 def _pwrite_all(fd: int, bufs: list[bytes] | list[memoryview], offset: int, flags: int = 0) -> None:

@@ -58,7 +58,17 @@ from typing import Any, ClassVar
 
 from ..log import log_event
 from .fsutil import blank, fsync_dir
-from .journal import CHECKPOINT_SECONDS, Entry, Journal, JournalFull
+from .journal import (
+    CHECKPOINT_SECONDS,
+    OP_CLOSE,
+    OP_LINK,
+    OP_RENAME,
+    OP_UNLINK,
+    Entry,
+    FileOp,
+    Journal,
+    JournalFull,
+)
 
 log = logging.getLogger(__name__)
 
@@ -303,23 +313,41 @@ class Committer:
         """The journal's path (module docstring of :mod:`.journal`): one record per job and one
         flush for all, then the renames. Jobs the journal could not take (its write failed, or
         they did not fit even after a checkpoint) are left not ``done``, for the recipe."""
+        ready: list[CommitJob] = []
+        for job in jobs:
+            if job.place:
+                try:
+                    job.spool.trim()  # a reused file longer than this message: cut first
+                except OSError as exc:  # reported to the session as 451, detail logged there
+                    _cleanup_failed(job)
+                    job.done = True
+                    job.on_done(exc)
+                    continue
+            ready.append(job)
+        jobs = ready
+        if not jobs:
+            return
         try:
             entries = [Entry(_read_spool(j.spool), j.links) for j in jobs]
         except OSError:
             return
+        then = _placing(jobs)
         results: list[tuple[CommitJob, BaseException | None]] | None = None
         for attempt in (0, 1):
             with journal.lock:
                 try:
-                    journal.append(entries)
+                    # The renames run right after the records are durable, in the same call
+                    # where that can be done; placed while the lock is held: a checkpoint
+                    # covers only placed records.
+                    errors = journal.append(entries, then, len(jobs))
                 except JournalFull:
                     pass
                 except Exception as exc:  # never lose the batch: the recipe takes it
                     log_event(log, "journal write failed, using fsync instead", logging.ERROR, error=str(exc))
                     return
                 else:
-                    # Placed while the lock is held: a checkpoint covers only placed records.
-                    results = [(job, _place(job) if job.place else _defer(journal, job)) for job in jobs]
+                    results = [(job, _placed(job, errors[k]) if job.place else _defer(journal, job))
+                               for k, job in enumerate(jobs)]
                     for job in jobs:
                         job.epoch = journal.epoch
             if results is not None:  # (no break inside the with: mypyc cannot compile one)
@@ -422,18 +450,35 @@ def _put_in_place(job: CommitJob) -> None:
             os.link(spool.path, target)
 
 
-def _place(job: CommitJob) -> BaseException | None:
-    """A journaled job's file put in place (no fsync: the journal holds its bytes)."""
-    try:
-        job.spool.trim()
-        _put_in_place(job)
-    except OSError as exc:  # reported to the session as 451, detail logged there
-        _cleanup_failed(job)
-        return exc
-    if not job.keep_spool:
-        with contextlib.suppress(OSError):
-            os.unlink(job.spool.path)
-    return None
+def _placing(jobs: list[CommitJob]) -> list[FileOp]:
+    """What puts the journaled jobs' files in place once their records are durable (no fsync:
+    the journal holds their bytes), as :meth:`.Journal.append` runs it: each file closed, then
+    renamed into its one mailbox (``keep_spool``) or linked into each and its temp name removed.
+    Jobs whose file stays where it is (``place`` false) have none."""
+    ops: list[FileOp] = []
+    for k, job in enumerate(jobs):
+        if not job.place:
+            continue
+        spool = job.spool
+        source = os.fsencode(spool.path)
+        ops.append((OP_CLOSE, k, spool.fd, b""))
+        for target in job.links:
+            ops.append((OP_RENAME if job.keep_spool else OP_LINK, k, source, os.fsencode(target)))
+        if not job.keep_spool:
+            ops.append((OP_UNLINK, k, source, b""))
+    return ops
+
+
+def _placed(job: CommitJob, err: int) -> BaseException | None:
+    """A journaled job once its operations ran (:func:`_placing`): the error of the first one
+    that failed, reported to the session as 451 (detail logged there), and its files removed."""
+    spool = job.spool
+    spool.kept = None
+    spool.closed = True  # by its first operation (a failed close frees the descriptor too)
+    if not err:
+        return None
+    _cleanup_failed(job)
+    return OSError(err, os.strerror(err), str(spool.path))
 
 
 class _LoopWaker:
