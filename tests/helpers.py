@@ -126,7 +126,8 @@ def maildir_files(cfg: Config, address: str, sub: str = "new") -> list[Path]:
 
 def watch_creations(monkeypatch: pytest.MonkeyPatch, directory: Path) -> list[str]:
     """The names of the threads that create files in ``directory`` from now on, in order
-    (``os.open`` is looked up at each call, by the compiled build too)."""
+    (``os.open`` and the spool pool's ``_create_files`` are looked up at each call, by the
+    compiled build too)."""
     made_in: list[str] = []
     real_open = os.open
 
@@ -136,6 +137,20 @@ def watch_creations(monkeypatch: pytest.MonkeyPatch, directory: Path) -> list[st
         return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", watching_open)
+    # The spool pool's refill creates its files in one C call where that module is built.
+    from serpentmail.storage import maildir
+
+    real_create = maildir._create_files
+    if real_create is not None:
+        create = real_create
+
+        def watching_create(where: bytes, names: list[bytes]) -> list[int]:
+            fds = create(where, names)
+            if Path(os.fsdecode(where)) == directory:
+                made_in.extend(threading.current_thread().name for fd in fds if fd >= 0)
+            return fds
+
+        monkeypatch.setattr(maildir, "_create_files", watching_create)
     return made_in
 
 

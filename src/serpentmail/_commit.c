@@ -17,17 +17,22 @@
  *   paths as bytes. After an operation of job k fails, the other operations of job k are
  *   skipped (as a Python function raising at its first failure would). ``result`` is the
  *   number of octets written, or -errno; ``errors`` has one errno per job (0: all done), all
- *   0 when the write failed (then nothing ran). Linux only (pwritev2); the module is optional,
- *   like serpentmail._scan: without it storage/journal.py makes the same calls from Python.
+ *   0 when the write failed (then nothing ran). Linux only (pwritev2).
+ *
+ * create_files(directory, names) -> list: the spool pool's refill, the same way (below).
+ *
+ * The module is optional, like serpentmail._scan: without it storage/journal.py and
+ * storage/maildir.py make the same calls from Python.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#if defined(__linux__)
 #include <errno.h>
+#include <fcntl.h>
 #include <string.h>
-#include <sys/uio.h>
 #include <unistd.h>
+#if defined(__linux__)
+#include <sys/uio.h>
 
 enum { OP_CLOSE = 0, OP_RENAME = 1, OP_LINK = 2, OP_UNLINK = 3 };
 
@@ -177,12 +182,95 @@ done:
 }
 #endif /* __linux__ */
 
+/* create_files(directory, names, /) -> list: each name created in ``directory`` (bytes
+ * paths) with O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC and mode 0600, as SpoolFile does one at a
+ * time; per name its descriptor, or -errno. One release of the interpreter's lock for the
+ * spool pool's whole refill (storage/maildir.py, SpoolPool.make) instead of one per file. */
+static PyObject *
+create_files(PyObject *module, PyObject *args)
+{
+    PyObject *dir_obj, *names_arg;
+    if (!PyArg_ParseTuple(args, "OO", &dir_obj, &names_arg))
+        return NULL;
+    const char *dir;
+    if (!PyBytes_Check(dir_obj)) {
+        PyErr_SetString(PyExc_TypeError, "create_files: the directory must be bytes");
+        return NULL;
+    }
+    dir = PyBytes_AS_STRING(dir_obj);
+    if (strlen(dir) != (size_t)PyBytes_GET_SIZE(dir_obj)) {
+        PyErr_SetString(PyExc_ValueError, "create_files: embedded null byte in the directory");
+        return NULL;
+    }
+    PyObject *names = PySequence_Tuple(names_arg);
+    if (names == NULL)
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(names);
+    const char **paths = PyMem_Calloc((size_t)(n > 0 ? n : 1), sizeof(char *));
+    int *fds = PyMem_Calloc((size_t)(n > 0 ? n : 1), sizeof(int));
+    PyObject *result = NULL;
+    if (paths == NULL || fds == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *name = PyTuple_GET_ITEM(names, i);
+        if (!PyBytes_Check(name) || strlen(PyBytes_AS_STRING(name)) != (size_t)PyBytes_GET_SIZE(name)
+                || memchr(PyBytes_AS_STRING(name), '/', (size_t)PyBytes_GET_SIZE(name)) != NULL
+                || PyBytes_GET_SIZE(name) == 0) {
+            PyErr_SetString(PyExc_ValueError, "create_files: each name is a non-empty bytes file name");
+            goto done;
+        }
+        paths[i] = PyBytes_AS_STRING(name);
+    }
+    Py_BEGIN_ALLOW_THREADS
+    int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    int derr = dfd < 0 ? errno : 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (dfd < 0) {
+            fds[i] = -derr;
+            continue;
+        }
+        int fd = openat(dfd, paths[i], O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+        fds[i] = fd >= 0 ? fd : -errno;
+    }
+    if (dfd >= 0)
+        close(dfd);
+    Py_END_ALLOW_THREADS
+    result = PyList_New(n);
+    if (result == NULL) {  /* the files stay: the caller cannot have them, so close them */
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (fds[i] >= 0)
+                close(fds[i]);
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = PyLong_FromLong(fds[i]);
+        if (v == NULL) {
+            for (Py_ssize_t k = i; k < n; k++)
+                if (fds[k] >= 0)
+                    close(fds[k]);
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyList_SET_ITEM(result, i, v);
+    }
+done:
+    Py_DECREF(names);
+    PyMem_Free(paths);
+    PyMem_Free(fds);
+    return result;
+}
+
 static PyMethodDef commit_methods[] = {
 #if defined(__linux__)
     {"write_then", write_then, METH_VARARGS,
      "write_then(fd, buffer, length, offset, flags, ops, jobs, /)\n--\n\n"
      "pwritev2 of buffer[:length], then the file operations ops if it was whole; see _commit.c."},
 #endif
+    {"create_files", create_files, METH_VARARGS,
+     "create_files(directory, names, /)\n--\n\n"
+     "Create each name in directory (O_EXCL, mode 0600); its descriptor or -errno; see _commit.c."},
     {NULL, NULL, 0, NULL},
 };
 

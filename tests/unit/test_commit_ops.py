@@ -12,13 +12,15 @@ from pathlib import Path
 import pytest
 
 from serpentmail.storage import journal as jmod
+from serpentmail.storage import maildir
 from serpentmail.storage.journal import OP_CLOSE, OP_LINK, OP_RENAME, OP_UNLINK, FileOp, run_ops
 
 write_then: Callable[..., tuple[int, list[int]]] | None
+create_files: Callable[..., list[int]] | None
 try:
-    from serpentmail._commit import write_then
+    from serpentmail._commit import create_files, write_then
 except ImportError:  # an editable install builds no C module
-    write_then = None
+    write_then = create_files = None
 
 needs_c = pytest.mark.skipif(write_then is None, reason="serpentmail._commit is not built (editable install)")
 
@@ -117,6 +119,29 @@ def test_write_then_refuses_bad_arguments_before_writing(tmp_path: Path) -> None
 
 @pytest.mark.skipif(not os.environ.get("SERPENTMAIL_EXPECT_COMPILED"),
                     reason="only in scripts/test.sh's run against the compiled build")
-def test_the_compiled_build_appends_with_write_then() -> None:
-    assert write_then is not None
+def test_the_compiled_build_appends_with_write_then_and_refills_with_create_files() -> None:
+    assert write_then is not None and create_files is not None
     assert jmod._write_then is write_then
+    assert maildir._create_files is create_files
+
+
+@needs_c
+def test_create_files_makes_each_new_file_and_reports_the_ones_it_cannot(tmp_path: Path) -> None:
+    assert create_files is not None
+    (tmp_path / "taken").write_bytes(b"someone's")
+    fds = create_files(os.fsencode(tmp_path), [b"one", b"taken", b"two"])
+    assert fds[1] == -errno.EEXIST  # O_EXCL: an existing file is never opened as a spool
+    try:
+        for fd, name in ((fds[0], "one"), (fds[2], "two")):
+            assert fd >= 0
+            os.write(fd, b"x")
+            st = os.fstat(fd)
+            assert st.st_mode & 0o777 == 0o600 and st.st_ino == (tmp_path / name).stat().st_ino
+    finally:
+        for fd in (fds[0], fds[2]):
+            os.close(fd)
+    assert (tmp_path / "taken").read_bytes() == b"someone's"
+    assert create_files(os.fsencode(tmp_path / "missing"), [b"a"]) == [-errno.ENOENT]
+    with pytest.raises(ValueError):
+        create_files(os.fsencode(tmp_path), [b"../escape"])
+    assert not (tmp_path.parent / "escape").exists()

@@ -72,3 +72,25 @@ def test_a_spool_given_back_is_written_over_and_keeps_only_its_new_pieces(tmp_pa
     assert _read_spool(again) == [b"the next one\r\n"]
     again.trim()  # as the commit does: what is left of the earlier message goes
     assert again.path.read_bytes() == b"the next one\r\n"
+
+
+def test_a_refill_makes_files_that_each_hold_their_own_message(tmp_path: Path) -> None:
+    """make(): a refill's new files (created in one call where the C module is built) are
+    distinct, private, empty files, each written and read back on its own."""
+    pool = SpoolPool(tmp_path, 8)
+    spools = pool.make(8)
+    assert len(spools) == 8 and len({s.path for s in spools}) == 8
+    for i, s in enumerate(spools):
+        assert s.path.parent == tmp_path and s.path.stat().st_size == 0
+        assert s.path.stat().st_mode & 0o777 == 0o600
+        s.write(f"message {i}\r\n".encode())
+    for i, s in enumerate(spools):
+        assert s.path.read_bytes() == f"message {i}\r\n".encode()
+        s.discard()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_refill_that_can_make_no_file_says_why(tmp_path: Path) -> None:
+    pool = SpoolPool(tmp_path / "missing", 4)
+    with pytest.raises(FileNotFoundError):
+        pool.make(4)

@@ -72,6 +72,12 @@ from .journal import (
 
 log = logging.getLogger(__name__)
 
+_create_files: Callable[[bytes, list[bytes]], list[int]] | None
+try:  # the spool pool's refill in one call (src/serpentmail/_commit.c), when built
+    from .._commit import create_files as _create_files
+except ImportError:
+    _create_files = None
+
 SUBDIRS = ("tmp", "new", "cur")
 _seq = itertools.count(1)
 _PID = [os.getpid()]  # cached (a syscall per message otherwise); refreshed in a forked child
@@ -115,12 +121,19 @@ class SpoolFile:
 
     __slots__ = ("closed", "fd", "kept", "name", "path", "size", "stale")
 
-    def __init__(self, tmp_dir: Path, *, reuse: str | None = None) -> None:
+    def __init__(self, tmp_dir: Path, *, reuse: str | None = None, made: int = -1) -> None:
+        """A new file in ``tmp_dir``; with ``reuse``, the existing file of that name (opened
+        here, or already open as ``made``: just created, by :meth:`SpoolPool.make`)."""
         if reuse is None:
             self.name = unique_name()  # the message's id and Maildir unique name
             self.path = tmp_dir / self.name
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             self.stale = 0  # octets of an earlier use still in the file past what was written
+        elif made >= 0:
+            self.name = reuse
+            self.path = tmp_dir / reuse
+            self.fd = made
+            self.stale = 0
         else:
             self.name = reuse
             self.path = tmp_dir / reuse
@@ -873,9 +886,13 @@ class SpoolPool:
                     self._spares.append(spool)
 
     def make(self, n: int) -> list[SpoolFile]:
-        """``n`` empty spool files, reused ones first (runs in a worker thread)."""
+        """``n`` empty spool files, reused ones first (runs in a worker thread). The new ones
+        are created in one call where the C module is built (``_commit.create_files``): one
+        return into the interpreter's lock for the whole refill instead of one per file, each
+        of them waited for while the event loop holds it."""
         out: list[SpoolFile] = []
         try:
+            fresh = 0
             for _ in range(n):
                 old = self.recycler.take() if self.recycler is not None else None
                 if old is not None:
@@ -885,7 +902,16 @@ class SpoolPool:
                     except OSError:
                         with contextlib.suppress(OSError):
                             os.unlink(old)
-                out.append(SpoolFile(self.tmp_dir))
+                if _create_files is None:
+                    out.append(SpoolFile(self.tmp_dir))
+                else:
+                    fresh += 1
+            if fresh and _create_files is not None:
+                names = [unique_name() for _ in range(fresh)]
+                fds = _create_files(os.fsencode(self.tmp_dir), [os.fsencode(name) for name in names])
+                out += [SpoolFile(self.tmp_dir, reuse=name, made=fd) for name, fd in zip(names, fds, strict=True) if fd >= 0]
+                if not out:
+                    raise OSError(-fds[0], f"cannot create a spool file in {self.tmp_dir}: {os.strerror(-fds[0])}")
         except OSError:
             if not out:
                 raise
