@@ -16,7 +16,10 @@ the server):
   the journal's way since session 21 into the written file: whole blocks with ``O_DIRECT`` and
   ``RWF_DSYNC`` from an aligned buffer. ``--busy`` times them while another process writes
   100 KiB files (about 40 MB/s) with a ``syncfs`` every second, as the mailboxes' own files
-  are written back beside a server's journal.
+  are written back beside a server's journal. ``--pace MS`` waits between appends, as they
+  come at one session (each then starts on an idle machine), and ``--cpu N`` runs on one CPU:
+  on a VM, the CPU that takes the disk's interrupts (``/proc/interrupts``) waits less for
+  each completion than the other one.
 * ``dns``: the remote courier's MX lookup (MX, then A and AAAA of the exchanger) against the
   sandbox DNS server in a process of its own on 127.0.5.53, with the answer cache off
   (``cache_max_ttl = 0``) and on: CPU of this process and wall time per lookup.
@@ -135,13 +138,23 @@ while True:
 """
 
 
-def _flush(where: Path, count: int = 150, busy: bool = False) -> Table:
+def _flush(where: Path, count: int = 150, busy: bool = False, pace: float = 0.0) -> Table:
     import mmap
     import subprocess
     import sys
 
     title = f"one durable journal append, {count} records each (p50 µs)"
-    table = Table(title=title + (", beside a busy writer" if busy else ""))
+    if busy:
+        title += ", beside a busy writer"
+    if pace:
+        title += f", one every {pace * 1000:g} ms"
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < (os.cpu_count() or 1):
+            title += f", on CPU {','.join(map(str, cpus))}"
+    except (AttributeError, OSError):
+        pass
+    table = Table(title=title)
     table.add_column("file")
     table.add_column("write")
     table.add_column("4 KiB", justify="right")
@@ -190,6 +203,8 @@ def _flush(where: Path, count: int = 150, busy: bool = False) -> Table:
                             os.fdatasync(fd)
                         lat.append(time.perf_counter() - t)
                         off += rec + 85  # records are not block-aligned
+                        if pace:
+                            time.sleep(pace)
                     cells.append(f"{statistics.median(lat) * 1e6:.0f}")
                 table.add_row(kind, write, *cells)
             finally:
@@ -237,14 +252,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("what", choices=["files", "scan", "flush", "dns"])
     ap.add_argument("--dir", type=Path, default=Path("/var/tmp"), help="where to make the test files")
     ap.add_argument("--busy", action="store_true", help="flush: time the appends beside a process writing files")
+    ap.add_argument("--pace", type=float, default=0.0, metavar="MS",
+                    help="flush: wait this long between appends, as a server at one session does (1.2)")
+    ap.add_argument("--cpu", type=int, default=None,
+                    help="run on this CPU only (flush: compare the disk interrupt's CPU with another)")
     args = ap.parse_args(argv)
+    if args.cpu is not None:
+        try:
+            os.sched_setaffinity(0, {args.cpu})
+        except (AttributeError, OSError) as exc:
+            ap.error(f"--cpu {args.cpu}: {exc}")
     console = Console()
     if args.what in ("scan", "dns"):
         console.print(_scan() if args.what == "scan" else _dns())
         return 0
     where = Path(tempfile.mkdtemp(prefix="serpentmail-micro-", dir=args.dir))
     try:
-        console.print(_files(where) if args.what == "files" else _flush(where, busy=args.busy))
+        console.print(_files(where) if args.what == "files" else _flush(where, busy=args.busy, pace=args.pace / 1000))
     finally:
         shutil.rmtree(where, ignore_errors=True)
     return 0
