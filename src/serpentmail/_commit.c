@@ -95,8 +95,10 @@ write_then(PyObject *module, PyObject *args)
         }
         op_t *op = &parsed[i];
         op->kind = (int)PyLong_AsLong(PyTuple_GET_ITEM(item, 0));
+        if (op->kind == -1 && PyErr_Occurred())
+            goto done;
         op->job = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 1));
-        if (PyErr_Occurred())
+        if (op->job == -1 && PyErr_Occurred())
             goto done;
         if (op->job < 0 || op->job >= njobs) {
             PyErr_SetString(PyExc_ValueError, "write_then: job index out of range");
@@ -106,7 +108,7 @@ write_then(PyObject *module, PyObject *args)
         switch (op->kind) {
         case OP_CLOSE:
             op->fd = (int)PyLong_AsLong(a);
-            if (PyErr_Occurred())
+            if (op->fd == -1 && PyErr_Occurred())
                 goto done;
             break;
         case OP_RENAME:

@@ -112,6 +112,10 @@ def test_write_then_refuses_bad_arguments_before_writing(tmp_path: Path) -> None
             write_then(fd, buf, 10, 0, 0, [(OP_UNLINK, 0, "x", b"")], 1)  # a str path
         with pytest.raises(ValueError):
             write_then(fd, buf, 10, 0, 0, [(OP_UNLINK, 0, b"x\0y", b"")], 1)
+        with pytest.raises(TypeError):
+            write_then(fd, buf, 10, 0, 0, [("unlink", 0, b"x", b"")], 1)  # a kind that is no number
+        with pytest.raises(TypeError):
+            write_then(fd, buf, 10, 0, 0, [(OP_CLOSE, 0, b"3", b"")], 1)  # a close of no descriptor
     finally:
         os.close(fd)
     assert target.read_bytes() == b""
