@@ -289,8 +289,8 @@ class Journal:
         if self.end + total > self.size:
             raise JournalFull
         # A stale record of an earlier lap may follow ours: the scan stops at its generation.
-        errors = self._append_direct(bufs, total, sync, then, jobs) if self.wfd >= 0 else None
-        if errors is not None:
+        written, errors = self._append_direct(bufs, total, sync, then, jobs) if self.wfd >= 0 else (False, None)
+        if written:
             self.end += total
         else:
             _pwrite_all(self.fd, bufs, self.end)
@@ -299,7 +299,8 @@ class Journal:
             self.end += total
             if self.wfd >= 0:  # only the file's last block, not a whole one, was left for this append
                 self._tail = os.pread(self.fd, self.end % BLOCK, self.end - self.end % BLOCK)
-            errors = run_ops(then, jobs) if then else [0] * jobs
+        if errors is None:  # the records are durable: now the operations that follow them
+            errors = run_ops(then or [], jobs)
         if self._since is None:
             self._since = time.monotonic()
         for t in targets:
@@ -307,11 +308,13 @@ class Journal:
         return errors
 
     def _append_direct(self, bufs: list[bytes], total: int, sync: bool, then: list[FileOp] | None,
-                       jobs: int) -> list[int] | None:
-        """Write ``bufs`` (``total`` octets) at :attr:`end` through :attr:`wfd`, then the file
-        operations ``then`` (:meth:`append`), and return their errors; None if this
-        filesystem turns out to refuse direct writes (nothing was written or run: the caller
-        writes them through the page cache, as from now on every append).
+                       jobs: int) -> tuple[bool, list[int] | None]:
+        """Write ``bufs`` (``total`` octets) at :attr:`end` through :attr:`wfd`. Returns
+        (written, errors): written is False if this filesystem turns out to refuse direct
+        writes (nothing was written: the caller writes them through the page cache, as from
+        now on every append); errors are those of the file operations ``then``
+        (:meth:`append`) when the C module ran them with the write, else None (the caller runs
+        them).
 
         Why: a buffered write and ``fdatasync`` copies the record into the page cache, hands it
         to writeback and waits for it behind whatever else is being written back (the
@@ -334,7 +337,7 @@ class Journal:
         first = self.end - len(tail)
         length = len(tail) + total
         if first + -(-length // BLOCK) * BLOCK > self.size:  # the file ends inside the last block
-            return None
+            return False, None
         whole = length <= DIRECT_BUFFER  # one write, durable by itself
         flags = _RWF_DSYNC if sync and whole else 0
         offset, pos = first, 0
@@ -377,11 +380,9 @@ class Journal:
                       path=str(self.path), error=str(exc))
             os.close(self.wfd)
             self.wfd = -1
-            return None
+            return False, None
         self._tail = new_tail
-        if errors is None:
-            errors = run_ops(then, jobs) if then else [0] * jobs
-        return errors
+        return True, errors
 
     def settle(self) -> None:
         """Wait until a checkpoint that is running has ended (at once if none is)."""
