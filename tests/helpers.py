@@ -174,3 +174,14 @@ def drop_journal(journal: Any) -> None:
     os.close(journal.fd)
     if journal.wfd >= 0:
         os.close(journal.wfd)
+
+
+def crash_committer(committer: Any) -> None:
+    """The process dies under a :class:`~serpentmail.storage.maildir.Committer` and its
+    journal: its threads stop with no last checkpoint, and the journal's descriptors close."""
+    committer._stop.set()
+    for _ in committer._threads:
+        committer._q.put(None)
+    for t in committer._threads:
+        t.join(timeout=10)
+    drop_journal(committer.journal)

@@ -23,7 +23,7 @@ from serpentmail.storage.journal import (
     wait_checkpointed,
 )
 from serpentmail.storage.maildir import KEEP_MAX, CommitJob, Committer, SpoolFile, ensure_maildir
-from tests.helpers import drop_journal
+from tests.helpers import crash_committer, drop_journal
 
 
 def _maildir(root: Path, uid: int) -> Path:
@@ -443,10 +443,8 @@ def test_a_record_holds_the_pieces_the_session_wrote_and_replays_byte_for_byte(t
             committer.commit_now(spool, [md / "new" / name], keep_spool=True, journal=True)
         assert [t for t, _ in records(j.path)] == [[f"mail/1/new/{n}"] for n in ("three", "many", "viewed", "big")]
         assert three.kept is None and many.kept is None  # released once the record was made
-        on_disk = j.path.read_bytes()  # the journal as a crash now would leave it
     finally:
-        committer.close()
-    j.path.write_bytes(on_disk)  # (the clean stop's last checkpoint undone)
+        crash_committer(committer)
     for name in ("three", "many", "viewed", "big"):
         (md / "new" / name).unlink()  # lost with the page cache
     assert replay(j.path, tmp_path).restored == 4

@@ -9,7 +9,7 @@ import pytest
 
 from serpentmail.cli import main
 from serpentmail.queue.store import QueueStore
-from tests.helpers import drop_journal
+from tests.helpers import crash_committer
 
 
 def _conf(tmp_path: Path) -> str:
@@ -87,11 +87,7 @@ def test_delete_waits_for_the_journal_and_refuses_an_item_only_a_replay_can_sett
     sp.write(b"Subject: fresh\r\n\r\nbody\r\n")
     rec = asyncio.run(store.enqueue(sp, "a@b.test", ["x@y.test"]))
     # The server dies before its checkpoint.
-    committer._stop.set()
-    committer._q.put(None)
-    for t in committer._threads:
-        t.join(timeout=10)
-    drop_journal(journal)
+    crash_committer(committer)
     capsys.readouterr()
 
     # Never placed (its files come at a checkpoint): listed and shown from the journal.

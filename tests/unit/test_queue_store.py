@@ -12,7 +12,7 @@ import pytest
 from serpentmail.queue.store import EnvelopeRecord, QueueError, QueueStore, valid_id
 from serpentmail.storage.journal import Journal, records, replay_all
 from serpentmail.storage.maildir import Committer, SpoolFile, SpoolPool
-from tests.helpers import drop_journal, watch_creations
+from tests.helpers import crash_committer, watch_creations
 
 
 def _spool(store: QueueStore, content: bytes) -> SpoolFile:
@@ -75,7 +75,7 @@ def test_a_journaled_item_whose_directory_is_gone_stays_in_the_journal(tmp_path:
     with pytest.raises(OSError):
         journal.checkpoint()
     assert journal.start < journal.end and journal.unplaced
-    _crash(committer, journal)
+    crash_committer(committer)
     report = replay_all(tmp_path)
     assert report.restored + report.intact == 2 and report.restored >= 1  # the env/ one at least
     assert store.data_path(qid).read_bytes() == body and store.env_path(qid).exists()
@@ -298,16 +298,6 @@ def _journaled_store(tmp_path: Path) -> tuple[QueueStore, Committer, Journal]:
     return QueueStore(tmp_path, committer, journal=True), committer, journal
 
 
-def _crash(committer: Committer, journal: Journal) -> None:
-    """The process dies: no last checkpoint, the journal's lock goes with its descriptor."""
-    committer._stop.set()
-    for _ in committer._threads:
-        committer._q.put(None)
-    for t in committer._threads:
-        t.join(timeout=10)
-    drop_journal(journal)
-
-
 def _enqueue(store: QueueStore, content: bytes) -> str:
     rec = asyncio.run(store.enqueue(_spool(store, content), "a@b.test", ["x@y.test"]))
     return rec.id
@@ -392,7 +382,7 @@ def test_remove_now_takes_a_never_placed_item_on_the_loop_and_records_it(tmp_pat
         assert journal.removals == [f"-queue/env/{fresh}.json", f"-queue/data/{fresh}"]
     journal.flush_removals()
     assert not journal.removals
-    _crash(committer, journal)
+    crash_committer(committer)
     report = replay_all(tmp_path)
     assert (report.restored, report.removed) == (0, 0)  # the delivered one stays delivered
     assert sorted(QueueStore(tmp_path).ids()) == [covered]
@@ -411,7 +401,7 @@ def test_a_kill_before_a_queued_removal_is_written_sends_the_item_again(tmp_path
     qid = _enqueue(store, body)
     with journal.lock:
         assert store.remove_now(qid)
-    _crash(committer, journal)
+    crash_committer(committer)
     assert replay_all(tmp_path).restored == 2
     assert store.data_path(qid).read_bytes() == body
 
@@ -499,7 +489,7 @@ def test_a_journaled_item_lost_in_a_crash_comes_back_whole(tmp_path: Path) -> No
     env = store.env_path(qid).read_bytes()
     assert {t for targets, _ in records(journal.path) for t in targets} == {
         f"queue/data/{qid}", f"queue/env/{qid}.json", f"queue/data/{never}", f"queue/env/{never}.json"}
-    _crash(committer, journal)
+    crash_committer(committer)
     # An operating-system crash lost what no flush had covered: the links and the blocks.
     os.unlink(store.env_path(qid))
     store.data_path(qid).write_bytes(b"\0" * len(body))
@@ -531,7 +521,7 @@ def test_a_removal_recorded_in_the_journal_is_finished_not_undone_after_a_crash(
     # A crash between the removal record and the files going: the replay finishes the job.
     with journal.lock:
         journal.append_removal([store.env_path(b), store.data_path(b)])
-    _crash(committer, journal)
+    crash_committer(committer)
 
     report = replay_all(tmp_path)
     assert (report.restored, report.rewritten, report.removed) == (0, 0, 2)
@@ -556,13 +546,13 @@ def test_an_item_a_checkpoint_covered_is_removed_durably(tmp_path: Path, monkeyp
 def test_a_rewritten_envelope_is_left_alone_by_the_replay(tmp_path: Path) -> None:
     """Delivery attempts rewrite the envelope with the durable recipe: the journal's first
     version must not overwrite it (recipients already done would get the mail again)."""
-    store, committer, journal = _journaled_store(tmp_path)
+    store, committer, _ = _journaled_store(tmp_path)
     qid = _enqueue(store, b"Subject: r\r\n\r\nrewritten\r\n")
     rec = store.load(qid)
     assert rec is not None
     rec.recipients[0].state = "delivered"
     store.save(rec)
-    _crash(committer, journal)
+    crash_committer(committer)
 
     report = replay_all(tmp_path)
     assert (report.restored, report.rewritten, report.intact) == (0, 0, 2)
@@ -585,11 +575,11 @@ def test_only_a_journaling_store_takes_the_journal(tmp_path: Path) -> None:
 def test_an_envelope_showing_another_items_bytes_is_written_again(tmp_path: Path) -> None:
     """After a power cut a reused file can show the blocks of the envelope it held before:
     valid JSON, but not this item's."""
-    store, committer, journal = _journaled_store(tmp_path)
+    store, committer, _ = _journaled_store(tmp_path)
     old = _placed(store, _enqueue(store, b"Subject: o\r\n\r\nold\r\n"))
     qid = _placed(store, _enqueue(store, b"Subject: n\r\n\r\nnew\r\n"))
     env = store.env_path(qid).read_bytes()
-    _crash(committer, journal)
+    crash_committer(committer)
     store.env_path(qid).write_bytes(store.env_path(old).read_bytes())
 
     report = replay_all(tmp_path)
