@@ -11,7 +11,8 @@ interpreter steps per protocol command (measured in bench/README.md).
 Beside them it builds two small hand-written C modules under the same rules:
 ``serpentmail._scan`` (DATA's bare CR/LF check in one memchr pass; src/serpentmail/_scan.c)
 and ``serpentmail._commit`` (the delivery journal's append and the renames after it in one
-call, without the interpreter's lock in between; src/serpentmail/_commit.c).
+call, and a spool pool's file creations in another, each without the interpreter's lock in
+between; src/serpentmail/_commit.c).
 
 Nothing depends on it. The modules run as ordinary Python when:
 
@@ -147,7 +148,8 @@ def _c_extensions() -> list[Any]:
     """The hand-written C modules, built with the mypyc modules and, like them, optional:
     serpentmail._scan, DATA's bare CR/LF check (src/serpentmail/_scan.c; proto/smtp_server.py
     falls back to Python), and serpentmail._commit, the journal's append and the renames after
-    it in one call (src/serpentmail/_commit.c; storage/journal.py falls back to Python)."""
+    it in one call and a spool pool's refill in another (src/serpentmail/_commit.c;
+    storage/journal.py and storage/maildir.py fall back to Python)."""
     from setuptools import Extension
 
     return [Extension("serpentmail._scan", ["src/serpentmail/_scan.c"]),
