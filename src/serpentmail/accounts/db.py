@@ -149,6 +149,7 @@ class AccountDB:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._stamp = path.with_name(path.name + "-stamp")
+        self._stamp_name = os.fspath(self._stamp)  # stat'd per RCPT: no Path conversion each time
         # key -> (the stamp's state when the answer was read, the answer). An entry is used
         # only while the stamp is unchanged, so threads sharing this object need no lock.
         self._cache: dict[tuple[str, str], tuple[tuple[int, int, int] | None, object]] = {}
@@ -196,7 +197,7 @@ class AccountDB:
 
     def _stamp_state(self) -> tuple[int, int, int] | None:
         try:
-            st = os.stat(self._stamp)
+            st = os.stat(self._stamp_name)
         except OSError:
             return None
         # The ctime too: the kernel sets it at each utime() and no caller can set it back.

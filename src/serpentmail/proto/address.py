@@ -10,7 +10,7 @@ so it can never cause relaying.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MAX_LOCAL_PART = 64  # RFC 5321 §4.5.3.1.1
 MAX_DOMAIN = 255  # RFC 5321 §4.5.3.1.2
@@ -36,6 +36,14 @@ class Address:
 
     local: str
     domain: str
+    text: str = field(init=False, repr=False, compare=False)  # str(self), made once
+
+    # Its own __init__, not the one @dataclass would generate: mypyc compiles this one to C,
+    # the generated one stays a Python function (an address is made per MAIL and RCPT).
+    def __init__(self, local: str, domain: str) -> None:
+        object.__setattr__(self, "local", local)
+        object.__setattr__(self, "domain", domain)
+        object.__setattr__(self, "text", f"{local}@{domain}" if domain else local)
 
     @property
     def is_null(self) -> bool:
@@ -43,19 +51,15 @@ class Address:
 
     @property
     def is_ascii(self) -> bool:
-        return str(self).isascii()
+        return self.text.isascii()
 
     def __str__(self) -> str:
-        if self.is_null:
-            return ""
-        if not self.domain:
-            return self.local
-        return f"{self.local}@{self.domain}"
+        return self.text
 
     @property
     def key(self) -> str:
         """The comparison key: domain case-insensitive, local part case-insensitive too."""
-        return str(self).lower()
+        return self.text.lower()
 
 
 NULL = Address("", "")

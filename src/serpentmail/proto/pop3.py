@@ -191,6 +191,8 @@ class _NeedData:
 
 
 NEED_DATA = _NeedData()
+# The events that wait for the caller's decision (a tuple built once, see smtp_server).
+_DECISIONS = (LoginAttempt, Retrieve, Update)
 
 Event = LoginAttempt | Retrieve | Update | StartTLS | CloseConnection
 
@@ -352,7 +354,7 @@ class POP3ServerConnection:
             if not self._step():
                 return NEED_DATA
         ev = self._events.popleft()
-        if isinstance(ev, LoginAttempt | Retrieve | Update):
+        if isinstance(ev, _DECISIONS):
             self._pending = ev
         return ev
 

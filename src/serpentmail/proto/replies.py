@@ -10,8 +10,7 @@ from a tuple of lines, each sent as ``code-enhanced text`` except the last (RFC 
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +20,18 @@ class Reply:
     code: int
     enhanced: str
     text: str
+    # The wire form, rendered when the reply is made: most replies are constants sent again
+    # and again. (Not an lru_cache keyed by the reply: that calls the dataclass's generated
+    # __hash__, a Python function, for each reply sent.)
+    wire: bytes = field(init=False, repr=False, compare=False, hash=False)
+
+    # Its own __init__, not the one @dataclass would generate: mypyc compiles this one to C,
+    # the generated one stays a Python function.
+    def __init__(self, code: int, enhanced: str, text: str) -> None:
+        object.__setattr__(self, "code", code)
+        object.__setattr__(self, "enhanced", enhanced)
+        object.__setattr__(self, "text", text)
+        object.__setattr__(self, "wire", _render(self))
 
     # The reply-code classes of RFC 5321 §4.2.1 (smtp_client.ServerReply has the same three;
     # a shared base class declaring ``code`` would not compile with mypyc, see setup.py).
@@ -40,14 +51,13 @@ class Reply:
         return Reply(self.code, self.enhanced, text)
 
     def to_bytes(self) -> bytes:
-        """The wire form. Most replies are constants sent again and again: rendered once each."""
-        return _render(self)
+        """The wire form (rendered once, when the reply was made)."""
+        return self.wire
 
     def __str__(self) -> str:
         return f"{self.code} {self.enhanced} {self.text}".strip()
 
 
-@functools.lru_cache(maxsize=512)
 def _render(reply: Reply) -> bytes:
     # RFC 5321 §4.2.1: continuation lines use "code-", the last line "code ".
     # RFC 2034 §4: the enhanced code follows the reply code on every line.

@@ -58,6 +58,10 @@ class _IndexEntry:
     due: float
     domains: frozenset[str]
 
+    def __init__(self, due: float, domains: frozenset[str]) -> None:  # compiled, unlike @dataclass's
+        self.due = due
+        self.domains = domains
+
 
 def _human_duration(seconds: float) -> str:
     if seconds >= 86400 and seconds % 86400 == 0:

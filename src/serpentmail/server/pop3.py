@@ -89,7 +89,7 @@ class POP3Session(EngineSession):
     """One POP3 connection."""
 
     log = log
-    need_data: object = NEED_DATA
+    need_data = NEED_DATA
     max_buffered = 64 * 1024  # POP3 clients send only short commands
 
     def __init__(self, ctx: ServerContext, *, implicit_tls: bool, plaintext_on_loopback: bool = True) -> None:

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Coroutine
-from typing import Any, Protocol, cast
+from typing import Any, ClassVar, Protocol, cast
 
 from ..log import log_event
 from .context import ServerContext
@@ -42,9 +42,11 @@ class Engine(Protocol):
 class EngineSession(asyncio.Protocol):
     """One connection driven by a sans-IO engine. See the module docstring."""
 
-    log: logging.Logger = logging.getLogger("serpentmail.server")
-    need_data: object = None  # the engine module's NEED_DATA sentinel
-    max_buffered = 4 * 1024 * 1024  # unprocessed octets before we stop reading from the peer
+    # Class attributes, never per instance: mypyc evaluates an instance attribute's default
+    # for each new object (a getLogger() per connection).
+    log: ClassVar[logging.Logger] = logging.getLogger("serpentmail.server")
+    need_data: ClassVar[object] = None  # the engine module's NEED_DATA sentinel
+    max_buffered: ClassVar[int] = 4 * 1024 * 1024  # unprocessed octets before we stop reading from the peer
 
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx

@@ -16,7 +16,6 @@ import email.utils
 import functools
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -50,29 +49,32 @@ _MAX_HELD_HEADER = 256 * 1024  # a submitted header section longer than this is 
 Kind = Literal["smtp", "submission", "submissions"]
 
 
-@dataclass(slots=True)
 class _Transaction:
-    sender: Address | None = None
-    users: dict[int, User] = field(default_factory=dict)
-    remote: list[str] = field(default_factory=list)
-    postmaster_fallback: bool = False
-    rcpts: list[str] = field(default_factory=list)
-    spool: SpoolFile | None = None
-    trace_len: int = 0
-    prefix: bytes = b""  # trace fields not yet written (they go out with the first chunk)
-    queued: bool = False
-    write_error: OSError | None = None
-    # Submission: the client's first octets are held until its header section is complete,
-    # so missing Message-ID/Date can be written in front of it (RFC 6409 §8).
-    hold: bytearray | None = None
-    headers_added: bool = False
+    """One mail transaction's state. A plain class, not a dataclass: mypyc compiles this
+    __init__, while a dataclass's generated one stays a Python function (two per message)."""
+
+    def __init__(self, sender: Address | None = None) -> None:
+        self.sender = sender
+        self.users: dict[int, User] = {}
+        self.remote: list[str] = []
+        self.postmaster_fallback = False
+        self.rcpts: list[str] = []
+        self.spool: SpoolFile | None = None
+        self.trace_len = 0
+        self.prefix = b""  # trace fields not yet written (they go out with the first chunk)
+        self.queued = False
+        self.write_error: OSError | None = None
+        # Submission: the client's first octets are held until its header section is complete,
+        # so missing Message-ID/Date can be written in front of it (RFC 6409 §8).
+        self.hold: bytearray | None = None
+        self.headers_added = False
 
 
 class SMTPSession(EngineSession):
     """One SMTP connection."""
 
     log = log
-    need_data: object = NEED_DATA
+    need_data = NEED_DATA
 
     def __init__(self, ctx: ServerContext, kind: Kind) -> None:
         super().__init__(ctx)

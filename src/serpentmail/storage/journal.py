@@ -116,6 +116,10 @@ class Entry:
     content: bytes | list[bytes]  # the message, whole or in the pieces it arrived in
     targets: list[Path]
 
+    def __init__(self, content: bytes | list[bytes], targets: list[Path]) -> None:  # compiled (see CommitJob)
+        self.content = content
+        self.targets = targets
+
 
 class JournalFull(Exception):
     """The entries do not fit in the space left (the caller checkpoints and tries again)."""
@@ -159,7 +163,7 @@ class Journal:
         # Bigger messages take the Maildir recipe: their own writes dwarf the flushes.
         self.max_record = min(MAX_RECORD, (self.size - DATA_START) // 4)
         self._since: float | None = None  # when the oldest record not yet checkpointed was written
-        self._dirs: set[Path] = set()  # directories that gained entries since the last checkpoint
+        self._dirs: set[str] = set()  # directories that gained entries since the last checkpoint
         # Records appended but whose files are not in place yet (queue items: see
         # :meth:`defer`): key -> the function that puts them there.
         self.unplaced: dict[object, Callable[[], None]] = {}
@@ -304,7 +308,9 @@ class Journal:
         if self._since is None:
             self._since = time.monotonic()
         for t in targets:
-            self._dirs.add(t.parent)
+            # The directory as a string: a Path's parent and hash are Python code, run per message.
+            name = os.fspath(t)
+            self._dirs.add(name[:name.rfind("/") + 1] or ".")
         return errors
 
     def _append_direct(self, bufs: list[bytes], total: int, sync: bool, then: list[FileOp] | None,

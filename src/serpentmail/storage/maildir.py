@@ -198,6 +198,19 @@ class CommitJob:
     epoch: int | None = None  # set when journaled: the journal's epoch at the append
     place: bool = True  # False: a journaled job's file stays where it is (see _defer)
 
+    # Its own __init__ (as CallJob's and journal.Entry's): mypyc compiles it to C, while the
+    # one @dataclass generates stays a Python function, run once per message.
+    def __init__(self, spool: SpoolFile, links: list[Path], on_done: Callable[[BaseException | None], None], *,
+                 keep_spool: bool = False, journal: bool = False, place: bool = True) -> None:
+        self.spool = spool
+        self.links = links
+        self.on_done = on_done
+        self.keep_spool = keep_spool
+        self.journal = journal
+        self.done = False
+        self.epoch = None
+        self.place = place
+
 
 @dataclass(slots=True)
 class CallJob:
@@ -206,6 +219,10 @@ class CallJob:
 
     fn: Callable[[], Any]
     on_done: Callable[[Any, BaseException | None], None]
+
+    def __init__(self, fn: Callable[[], Any], on_done: Callable[[Any, BaseException | None], None]) -> None:
+        self.fn = fn
+        self.on_done = on_done
 
 
 class Committer:
