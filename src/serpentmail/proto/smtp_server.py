@@ -183,6 +183,9 @@ class _NeedData:
 
 
 NEED_DATA = _NeedData()
+# The 220 banner and the reply to QUIT, per host name (a server has one or two): made once.
+_GREETINGS: dict[str, bytes] = {}
+_CLOSINGS: dict[str, Reply] = {}
 # The events that wait for the caller's decision (respond()); a tuple built once: an
 # ``A | B`` union in an isinstance() call would be built again at each call.
 _DECISIONS = (MailFrom, RcptTo, MessageComplete, AuthAttempt)
@@ -311,8 +314,12 @@ class SMTPServerConnection:
     # --- public API --------------------------------------------------------------------
 
     def greeting(self) -> bytes:
-        """The 220 banner (RFC 5321 §4.3.1)."""
-        return f"220 {self.options.hostname} ESMTP serpentmail\r\n".encode("ascii", "replace")
+        """The 220 banner (RFC 5321 §4.3.1), made once per host name."""
+        host = self.options.hostname
+        banner = _GREETINGS.get(host)
+        if banner is None:
+            banner = _GREETINGS[host] = f"220 {host} ESMTP serpentmail\r\n".encode("ascii", "replace")
+        return banner
 
     def receive_data(self, data: bytes) -> None:
         if self._phase is not _Phase.CLOSED:
@@ -518,7 +525,11 @@ class SMTPServerConnection:
             case "NOOP":
                 self._reply(R.NOOP_OK)
             case "QUIT":
-                self._close(R.CLOSING.with_text(f"{self.options.hostname} closing connection"), "quit")
+                host = self.options.hostname
+                bye = _CLOSINGS.get(host)
+                if bye is None:
+                    bye = _CLOSINGS[host] = R.CLOSING.with_text(f"{host} closing connection")
+                self._close(bye, "quit")
             case "VRFY":
                 # RFC 5321 §3.5.3: 252 when we will not disclose whether a user exists.
                 self._reply(R.VRFY_CANNOT if arg.strip() else R.PARAM_SYNTAX)

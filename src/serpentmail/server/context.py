@@ -116,6 +116,9 @@ class ServerContext:
     throttle: AuthThrottle | None = None
     on_local_delivery: Callable[[list[Path]], None] | None = None
     sessions: set[Any] = field(default_factory=set)
+    # The one timer that checks every session's idle time (server/session.py IdleSweep),
+    # while there are sessions.
+    idle_sweep: asyncio.TimerHandle | None = None
     sent_per_user: dict[int, list[float]] = field(default_factory=dict)
     # With workers: the other processes' share of the limits (server/peers.py).
     peers: PeerLink | None = None

@@ -289,6 +289,9 @@ class Server:
                 if not ctx.sessions:
                     break
                 await asyncio.sleep(0.05)
+            if ctx.idle_sweep is not None:
+                ctx.idle_sweep.cancel()
+                ctx.idle_sweep = None
         for stopper in reversed(self._stoppers):
             try:
                 await stopper()

@@ -7,6 +7,10 @@ decisions that must wait (password checks, fsync, file reads) during which nothi
 processed (so pipelined commands stay in order), back-pressure on reading, the idle timer and
 the STARTTLS/STLS upgrade. Subclasses say what their protocol does with each event.
 
+Idle timeouts are checked by one timer per server (:func:`_sweep_idle`), not one per
+connection: a connection's own timer cost a timer handle made and started at each connect,
+and its re-arming; the sweep looks at every session a few times per timeout instead.
+
 Invariants: a session is counted in ``ctx.connections``/``ctx.sessions`` exactly while it is
 admitted; nothing is read in plaintext once a TLS upgrade has been answered (RFC 3207 §4.2,
 RFC 2595 §4); an unexpected exception is logged with detail and the peer gets a generic reply.
@@ -56,7 +60,6 @@ class EngineSession(asyncio.Protocol):
         self._closing = False
         self._admitted = False
         self._last_activity = time.monotonic()
-        self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
 
     # --- what a protocol provides ----------------------------------------------------------
@@ -113,7 +116,8 @@ class EngineSession(asyncio.Protocol):
             self.ctx.steering.update(self.ctx.peers.connections())
         engine = self.make_engine()
         tr.write(engine.greeting())
-        self._arm_timer()
+        if self.ctx.idle_sweep is None:
+            _start_idle_sweep(self.ctx)
 
     def data_received(self, data: bytes) -> None:
         engine = self.engine_or_none
@@ -131,8 +135,6 @@ class EngineSession(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
-        if self._timer is not None:
-            self._timer.cancel()
         self.on_connection_lost()
         if self._admitted:
             self._admitted = False
@@ -192,17 +194,10 @@ class EngineSession(asyncio.Protocol):
 
     # --- idle timeout ------------------------------------------------------------------------
 
-    def _arm_timer(self, delay: float | None = None) -> None:
-        timeout = self.idle_timeout()
-        self._timer = asyncio.get_running_loop().call_later(timeout if delay is None else delay, self._on_timer)
-
-    def _on_timer(self) -> None:
-        if self._closing:
-            return
-        idle = time.monotonic() - self._last_activity
-        timeout = self.idle_timeout()
-        if idle < timeout or self._busy:
-            self._arm_timer(max(0.05, timeout - idle))
+    def check_idle(self, now: float) -> None:
+        """Close the session if it has been idle past its timeout (called by the sweep). A
+        session waiting for a decision (a commit, a password check) is not idle."""
+        if self._closing or self._busy or now - self._last_activity < self.idle_timeout():
             return
         log_event(self.log, "idle timeout", client=self.ip)
         self.on_idle_timeout()
@@ -234,3 +229,29 @@ class EngineSession(asyncio.Protocol):
             return
         self.transport = new_transport
         engine.tls_established()
+
+
+def _sweep_period(ctx: ServerContext) -> float:
+    """How often the sessions' idle times are checked: a quarter of the shorter timeout (a
+    session is closed at most that late), at most once a second, at least every 20 ms."""
+    lim = ctx.config.limits
+    return min(1.0, max(0.02, min(lim.idle_timeout, lim.pop3_idle_timeout) / 4))
+
+
+def _start_idle_sweep(ctx: ServerContext) -> None:
+    ctx.idle_sweep = asyncio.get_running_loop().call_later(_sweep_period(ctx), _sweep_idle, ctx)
+
+
+def _sweep_idle(ctx: ServerContext) -> None:
+    """Check every session's idle time; again after a period while there are sessions (the
+    next connection starts it again otherwise: an idle server has no timer)."""
+    ctx.idle_sweep = None
+    if not ctx.sessions:
+        return
+    now = time.monotonic()
+    for session in list(ctx.sessions):  # a session closed here leaves the set later, still
+        try:
+            session.check_idle(now)
+        except Exception:  # one session's bug must not stop the sweep for the others
+            EngineSession.log.exception("internal error in the idle check client=%s", getattr(session, "ip", "?"))
+    _start_idle_sweep(ctx)
