@@ -24,10 +24,64 @@ _SRC_FILE = __file__
 
 
 def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, /, **fields: Any) -> None:
-    if logger.isEnabledFor(level):
-        # Logger.log without its findCaller stack walk: the caller it found was always this
-        # function (so the record's file and line said nothing), and no formatter prints them.
-        logger.handle(logger.makeRecord(logger.name, level, _SRC_FILE, 0, event, (), None, extra={_FIELDS: fields}))
+    if not logger.isEnabledFor(level):
+        return
+    direct = _direct
+    if direct is not None and direct.takes(logger, level):
+        direct.write(logger, level, event, fields)
+        return
+    # Logger.log without its findCaller stack walk: the caller it found was always this
+    # function (so the record's file and line said nothing), and no formatter prints them.
+    logger.handle(_record(logger, level, event, fields))
+
+
+def _record(logger: logging.Logger, level: int, event: str, fields: dict[str, Any]) -> logging.LogRecord:
+    return logger.makeRecord(logger.name, level, _SRC_FILE, 0, event, (), None, extra={_FIELDS: fields})
+
+
+class _Direct:
+    """The line of an event written straight to the stream of the handler
+    :func:`setup_logging` installed, without a ``LogRecord``: making one and passing it down
+    the logging module's filters and handlers is Python code (the logging module is not
+    compiled), about 4% of the CPU of an inbound message at one session. Used only while that
+    handler is the only place the event would go (:meth:`takes`): when anything else was
+    added (a handler, a filter, as a test's log capture does), events take the usual path."""
+
+    def __init__(self, root: logging.Logger, handler: logging.StreamHandler[Any], fmt: PlainFormatter | JSONFormatter) -> None:
+        self.root = root
+        self.handler = handler
+        self.fmt = fmt
+
+    def takes(self, logger: logging.Logger, level: int) -> bool:
+        root, handler = self.root, self.handler
+        if logger is not root and (logger.parent is not root or logger.handlers or logger.filters or not logger.propagate):
+            return False
+        return (len(root.handlers) == 1 and root.handlers[0] is handler and not root.filters and not handler.filters
+                and handler.formatter is self.fmt and level >= handler.level and handler.stream is not None)
+
+    def write(self, logger: logging.Logger, level: int, event: str, fields: dict[str, Any]) -> None:
+        # As StreamHandler.emit does: the line and the terminator, then a flush, under the lock.
+        handler = self.handler
+        text = self.fmt.render(time.time(), _level_name(level), logger.name, event, fields) + handler.terminator
+        handler.acquire()
+        try:
+            handler.stream.write(text)
+            handler.flush()
+        except Exception:
+            handler.handleError(_record(logger, level, event, fields))
+        finally:
+            handler.release()
+
+
+_direct: _Direct | None = None
+_LEVEL_NAMES: dict[int, str] = {}
+
+
+def _level_name(level: int) -> str:
+    name = _LEVEL_NAMES.get(level)
+    if name is None:
+        name = _LEVEL_NAMES[level] = logging.getLevelName(level).lower()
+    return name
 
 
 # A value with any of these (or an empty one) is written as a JSON string, so a line splits
@@ -63,34 +117,47 @@ class PlainFormatter(logging.Formatter):
         fields: dict[str, Any] = getattr(record, _FIELDS, {})
         # An event name (log_event's records) needs no %-formatting.
         msg = record.msg if not record.args and type(record.msg) is str else record.getMessage()
-        line = f"{self._timestamp(record.created)} {record.levelname.lower()} {record.name}: {msg}"
-        if fields:
-            line += " " + " ".join([f"{k}={_fmt_value(v)}" for k, v in fields.items()])
+        line = self.render(record.created, record.levelname.lower(), record.name, msg, fields)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
+        return line
+
+    def render(self, created: float, level: str, name: str, msg: str, fields: dict[str, Any]) -> str:
+        line = f"{self._timestamp(created)} {level} {name}: {msg}"
+        if fields:
+            line += " " + " ".join([f"{k}={_fmt_value(v)}" for k, v in fields.items()])
         return line
 
 
 class JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = getattr(record, _FIELDS, {})
-        obj: dict[str, Any] = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "event": record.getMessage(),
-        }
-        obj.update({k: v if isinstance(v, int | float | bool | type(None)) else str(v) for k, v in fields.items()})
+        obj = self._object(record.created, record.levelname.lower(), record.name, record.getMessage(), fields)
         if record.exc_info:
             obj["exception"] = self.formatException(record.exc_info)
         return json.dumps(obj, ensure_ascii=False)
 
+    def render(self, created: float, level: str, name: str, msg: str, fields: dict[str, Any]) -> str:
+        return json.dumps(self._object(created, level, name, msg, fields), ensure_ascii=False)
+
+    @staticmethod
+    def _object(created: float, level: str, name: str, msg: str, fields: dict[str, Any]) -> dict[str, Any]:
+        obj: dict[str, Any] = {"ts": round(created, 3), "level": level, "logger": name, "event": msg}
+        obj.update({k: v if isinstance(v, _PLAIN_JSON) else str(v) for k, v in fields.items()})
+        return obj
+
+
+_PLAIN_JSON = (int, float, bool, type(None))
+
 
 def setup_logging(fmt: str = "plain", level: str = "info", file: Path | None = None) -> None:
-    handler: logging.Handler = logging.FileHandler(file) if file else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JSONFormatter() if fmt == "json" else PlainFormatter())
+    global _direct
+    handler: logging.StreamHandler[Any] = logging.FileHandler(file) if file else logging.StreamHandler(sys.stderr)
+    formatter = JSONFormatter() if fmt == "json" else PlainFormatter()
+    handler.setFormatter(formatter)
     root = logging.getLogger("serpentmail")
     root.handlers[:] = [handler]
+    _direct = _Direct(root, handler, formatter)
     root.setLevel(level.upper())
     root.propagate = False
     # Our formatters print none of these; skipping them saves a getpid() and two lookups per
