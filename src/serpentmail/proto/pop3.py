@@ -47,6 +47,13 @@ class POP3Reply:
     text: str
     code: str = ""  # RFC 2449 §8 extended response code: AUTH, IN-USE, SYS/TEMP, SYS/PERM
 
+    # Each class here that is made per command writes its own __init__: mypyc compiles it,
+    # while the one @dataclass generates stays a Python function.
+    def __init__(self, ok: bool, text: str, code: str = "") -> None:
+        object.__setattr__(self, "ok", ok)
+        object.__setattr__(self, "text", text)
+        object.__setattr__(self, "code", code)
+
     def with_text(self, text: str) -> POP3Reply:
         return POP3Reply(self.ok, text, self.code)
 
@@ -155,6 +162,12 @@ class LoginAttempt:
     password: str = field(repr=False)
     authzid: str = ""
 
+    def __init__(self, mechanism: str, username: str, password: str, authzid: str = "") -> None:
+        self.mechanism = mechanism
+        self.username = username
+        self.password = password
+        self.authzid = authzid
+
 
 @dataclass(slots=True)
 class Retrieve:
@@ -165,6 +178,12 @@ class Retrieve:
     size: int
     lines: int | None
 
+    def __init__(self, number: int, index: int, size: int, lines: int | None) -> None:
+        self.number = number
+        self.index = index
+        self.size = size
+        self.lines = lines
+
 
 @dataclass(slots=True)
 class Update:
@@ -172,10 +191,16 @@ class Update:
 
     deleted: tuple[int, ...]  # 0-based indexes of messages marked with DELE
 
+    def __init__(self, deleted: tuple[int, ...]) -> None:
+        self.deleted = deleted
+
 
 @dataclass(slots=True)
 class StartTLS:
     """Flush output, run the TLS handshake, then call ``tls_established``."""
+
+    def __init__(self) -> None:
+        pass
 
 
 @dataclass(slots=True)
@@ -183,6 +208,9 @@ class CloseConnection:
     """Flush output and close the connection."""
 
     reason: str
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
 
 class _NeedData:
@@ -220,6 +248,13 @@ class _Transfer:
     carry: bytes = b"\n"  # last octets seen, to find the header/body blank line across pieces
     bol: bool = True  # the last octet sent ended a line
     done: bool = False
+
+    def __init__(self, lines: int | None) -> None:
+        self.lines = lines
+        self.in_body = False
+        self.carry = b"\n"
+        self.bol = True
+        self.done = False
 
 
 _TOP_FOLLOWS = TOP_FOLLOWS.to_bytes()

@@ -67,6 +67,15 @@ class ServerReply:
     lines: tuple[str, ...]  # the text of each line, enhanced code removed
     argument: str = ""  # e.g. the recipient for RCPT
 
+    # Its own __init__, made per reply: mypyc compiles it, while the one @dataclass
+    # generates stays a Python function.
+    def __init__(self, command: str, code: int, enhanced: str, lines: tuple[str, ...], argument: str = "") -> None:
+        object.__setattr__(self, "command", command)
+        object.__setattr__(self, "code", code)
+        object.__setattr__(self, "enhanced", enhanced)
+        object.__setattr__(self, "lines", lines)
+        object.__setattr__(self, "argument", argument)
+
     # RFC 5321 §4.2.1 reply-code classes, as on replies.Reply.
     @property
     def is_positive(self) -> bool:
