@@ -22,6 +22,12 @@ Nothing depends on it. The modules run as ordinary Python when:
   build says so in one warning and installs the pure modules. A partial build is removed, so
   an install never mixes a compiled module with a missing support library.
 
+A dataclass in these modules keeps the methods ``@dataclass`` generates, and those stay Python
+functions: the classes made per command or per message (the SMTP and POP3 events, replies,
+addresses, commit jobs, journal entries) write their own ``__init__``, which mypyc compiles
+(about ten times faster than the generated one; frozen ones set their fields with
+``object.__setattr__``).
+
 Modules chosen: the ones every message runs through, less queue/store.py, which the tests
 subclass (a compiled class cannot be subclassed by interpreted code, nor its methods replaced
 on an instance, and a compiled module calls its own functions directly). The tests of the
