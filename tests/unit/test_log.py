@@ -131,6 +131,11 @@ def test_an_added_handler_sees_every_event(tmp_path: Path, restore_serpentmail_l
         finally:
             where.removeHandler(cap)
         assert len(cap.lines) == 1 and cap.lines[0].endswith("info serpentmail.test-direct: seen n=1")
+    lg.disabled = True  # as logging.config does to the loggers it was not told about (isEnabledFor says no)
+    try:
+        log_event(lg, "disabled")
+    finally:
+        lg.disabled = False
     log_event(lg, "filtered")
     restore_serpentmail_logger.handlers[0].addFilter(lambda record: record.getMessage() != "dropped")
     log_event(lg, "dropped")
