@@ -4,12 +4,13 @@
 ``greeting``/``receive_data``/``next_event``/``data_to_send``/``buffered``): admission against
 the connection limits, the pump that turns engine events into handler calls, tasks for
 decisions that must wait (password checks, fsync, file reads) during which nothing more is
-processed (so pipelined commands stay in order), back-pressure on reading, the idle timer and
+processed (so pipelined commands stay in order), back-pressure on reading, idle timeouts and
 the STARTTLS/STLS upgrade. Subclasses say what their protocol does with each event.
 
-Idle timeouts are checked by one timer per server (:func:`_sweep_idle`), not one per
-connection: a connection's own timer cost a timer handle made and started at each connect,
-and its re-arming; the sweep looks at every session a few times per timeout instead.
+Idle timeouts are checked by one timer per process (:func:`_sweep_idle`), not one per
+connection: a connection's own timer cost a timer handle made and started at each connect
+(and memory while idle); the sweep looks at every session once a second instead (more often
+when a timeout is under 4 s).
 
 Invariants: a session is counted in ``ctx.connections``/``ctx.sessions`` exactly while it is
 admitted; nothing is read in plaintext once a TLS upgrade has been answered (RFC 3207 §4.2,
