@@ -60,12 +60,14 @@ class _Direct:
                 and handler.formatter is self.fmt and level >= handler.level and handler.stream is not None)
 
     def write(self, logger: logging.Logger, level: int, event: str, fields: dict[str, Any]) -> None:
-        # As StreamHandler.emit does: the line and the terminator, then a flush, under the lock.
+        # As Handler.handle and StreamHandler.emit do: under the handler's lock (the plain
+        # formatter's one-per-second timestamp cache is not thread-safe without it), the line
+        # and the terminator, then a flush.
         handler = self.handler
-        text = self.fmt.render(time.time(), _level_name(level), logger.name, event, fields) + handler.terminator
+        created = time.time()
         handler.acquire()
         try:
-            handler.stream.write(text)
+            handler.stream.write(self.fmt.render(created, _level_name(level), logger.name, event, fields) + handler.terminator)
             handler.flush()
         except Exception:
             handler.handleError(_record(logger, level, event, fields))
