@@ -62,17 +62,22 @@ class _Direct:
     def write(self, logger: logging.Logger, level: int, event: str, fields: dict[str, Any]) -> None:
         # As Handler.handle and StreamHandler.emit do: under the handler's lock (the plain
         # formatter's one-per-second timestamp cache is not thread-safe without it), the line
-        # and the terminator, then a flush.
+        # and the terminator, then a flush. The lock and the stream are used directly, not
+        # through Handler.acquire and StreamHandler.flush: those are Python code, run per event.
         handler = self.handler
         created = time.time()
-        handler.acquire()
-        try:
-            handler.stream.write(self.fmt.render(created, _level_name(level), logger.name, event, fields) + handler.terminator)
-            handler.flush()
-        except Exception:
-            handler.handleError(_record(logger, level, event, fields))
-        finally:
-            handler.release()
+        lock = handler.lock
+        if lock is None:  # (a handler always has one once made; never here)
+            handler.createLock()
+            lock = handler.lock
+            assert lock is not None
+        with lock:
+            try:
+                stream = handler.stream
+                stream.write(self.fmt.render(created, _level_name(level), logger.name, event, fields) + handler.terminator)
+                stream.flush()
+            except Exception:
+                handler.handleError(_record(logger, level, event, fields))
 
 
 _direct: _Direct | None = None

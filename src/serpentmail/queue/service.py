@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -152,7 +153,7 @@ async def _start_queue(server: Server) -> Callable[[], Awaitable[None]] | None:
     def notify(links: list[Path]) -> None:
         # Read at call time: a component (POP3) may install its hook after we start.
         if ctx.on_local_delivery is not None:
-            ctx.on_local_delivery(links)
+            ctx.on_local_delivery([os.fspath(p) for p in links])
 
     scheduler = build_scheduler(server.config, store, ctx.accounts, on_local_delivery=notify)
     ctx.outbound = scheduler  # enqueue() waits until start() has recovered the spool

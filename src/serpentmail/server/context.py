@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import os
 import secrets
 import ssl
 import time
@@ -114,7 +115,7 @@ class ServerContext:
     connections: int = 0
     per_ip: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     throttle: AuthThrottle | None = None
-    on_local_delivery: Callable[[list[Path]], None] | None = None
+    on_local_delivery: Callable[[list[str]], None] | None = None  # the new files' paths
     sessions: set[Any] = field(default_factory=set)
     # The one timer that checks every session's idle time (server/session.py IdleSweep),
     # while there are sessions.
@@ -133,6 +134,7 @@ class ServerContext:
     # Blanked queue files kept for the spool pools (storage/maildir.py, Recycler).
     recycler: Recycler | None = None
     _known_maildirs: dict[int, Path] = field(default_factory=dict)  # user id -> ensured maildir
+    _known_new_dirs: dict[int, str] = field(default_factory=dict)  # user id -> "<its maildir>/new/"
     login_cache: LoginCache = field(init=False)
     # Where this process makes its spool files, under data_dir/tmp: each worker has its own
     # directory (server/run.py), so two processes never wait for one directory's lock to
@@ -164,6 +166,15 @@ class ServerContext:
             ensure_maildir(path)
             self._known_maildirs[user_id] = path
         return path
+
+    def new_dir(self, user_id: int) -> str:
+        """``<maildir>/new/`` of a user, as a string ending in a slash (per message: see
+        :meth:`.SMTPSession._local_links`); the Maildir is made the first time, as by
+        :meth:`maildir`."""
+        prefix = self._known_new_dirs.get(user_id)
+        if prefix is None:
+            prefix = self._known_new_dirs[user_id] = os.path.join(os.fspath(self.maildir(user_id)), "new", "")
+        return prefix
 
     def postmaster_maildir(self) -> Path:
         """Fallback mailbox for postmaster when no user or alias takes it (RFC 5321 §4.5.1)."""
@@ -206,7 +217,7 @@ class ServerContext:
         no batch to share and no other client to keep waiting for the fsyncs."""
         return len(self.sessions) <= 1 and self.committer.idle()
 
-    async def commit(self, job_spool: SpoolFile, links: list[Path], *, keep_spool: bool = False,
+    async def commit(self, job_spool: SpoolFile, links: list[str], *, keep_spool: bool = False,
                      journal: bool = False) -> None:
         """Run the durable recipe for ``job_spool`` in the committer; raise on failure.
         ``journal``: a local delivery, which may go through the delivery journal."""

@@ -15,8 +15,8 @@ import bisect
 import email.utils
 import functools
 import logging
+import os
 import time
-from pathlib import Path
 from typing import Literal
 
 from ..accounts.db import User
@@ -371,7 +371,7 @@ class SMTPSession(EngineSession):
             return
         self._delivered(ev, spool, links)
 
-    def _committed(self, ev: MessageComplete, spool: SpoolFile, links: list[Path], err: BaseException | None) -> None:
+    def _committed(self, ev: MessageComplete, spool: SpoolFile, links: list[str], err: BaseException | None) -> None:
         """The committer's answer for a local delivery (on the event loop)."""
         self._busy = self._committing = False
         self._last_activity = time.monotonic()
@@ -408,12 +408,13 @@ class SMTPSession(EngineSession):
             return None
         return spool
 
-    def _local_links(self, spool: SpoolFile) -> list[Path]:
+    def _local_links(self, spool: SpoolFile) -> list[str]:
+        # Strings, not Paths: a Path is made by Python code, not compiled (see CommitJob.links).
         name = final_name(spool.name, spool.size)
-        dirs = [self.ctx.maildir(uid) for uid in self.txn.users]
+        links = [self.ctx.new_dir(uid) + name for uid in self.txn.users]
         if self.txn.postmaster_fallback:
-            dirs.append(self.ctx.postmaster_maildir())
-        return [d.joinpath("new", name) for d in dirs]
+            links.append(os.path.join(self.ctx.postmaster_maildir(), "new", name))
+        return links
 
     async def _on_message(self, ev: MessageComplete, spool: SpoolFile) -> None:
         engine = self.engine
@@ -452,7 +453,7 @@ class SMTPSession(EngineSession):
         assert self.engine is not None
         self.engine.respond(R.LOCAL_ERROR)
 
-    def _delivered(self, ev: MessageComplete, spool: SpoolFile, links: list[Path]) -> None:
+    def _delivered(self, ev: MessageComplete, spool: SpoolFile, links: list[str]) -> None:
         self.txn.spool = None
         if self.ctx.on_local_delivery is not None:
             self.ctx.on_local_delivery(links)

@@ -21,7 +21,7 @@ class JournalBusy(OSError):
     :mod:`.journal` re-exports it."""
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | Path) -> None:
     """Make the entries added to or removed from directory ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

@@ -52,7 +52,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,11 +114,20 @@ class Entry:
     """One message to journal: its bytes and where they go (absolute paths under the root)."""
 
     content: bytes | list[bytes]  # the message, whole or in the pieces it arrived in
-    targets: list[Path]
+    targets: list[str]  # as CommitJob.links: strings, not Paths
 
-    def __init__(self, content: bytes | list[bytes], targets: list[Path]) -> None:  # compiled (see CommitJob)
+    def __init__(self, content: bytes | list[bytes], targets: Sequence[str | os.PathLike[str]]) -> None:  # compiled (see CommitJob)
         self.content = content
-        self.targets = targets
+        self.targets = as_strs(targets)
+
+
+def as_strs(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """``paths`` as strings. The server's message path makes them as strings: a Path is made
+    and read by Python code, which mypyc does not compile, once per message. Callers with
+    Paths (tools, tests) may still pass them."""
+    if type(paths) is list and all(type(p) is str for p in paths):
+        return paths  # type: ignore[return-value]  # (checked just above)
+    return [os.fspath(p) for p in paths]
 
 
 class JournalFull(Exception):
@@ -192,14 +201,14 @@ class Journal:
         return self._write([([self._name(t) for t in e.targets], e.content) for e in entries],
                            [t for e in entries for t in e.targets], sync=True, then=then, jobs=jobs)
 
-    def append_removal(self, targets: list[Path]) -> None:
+    def append_removal(self, targets: Sequence[str | Path]) -> None:
         """Record that ``targets`` are being removed (call with :attr:`lock` held, before
         removing them, and only for files whose records were appended in the current
         :attr:`epoch`). No flush: a process crash keeps it in the page cache, so the replay
         finishes the removal instead of writing the files again; an operating-system crash
         may lose it together with the removal, and the replay then restores the files (the
         work is done twice, nothing is lost). Raises :class:`JournalFull` or OSError."""
-        self._write([([REMOVED + self._name(t) for t in targets], b"")], targets, sync=False)
+        self._write([([REMOVED + self._name(t) for t in targets], b"")], [os.fspath(t) for t in targets], sync=False)
 
     def defer(self, key: object, place: Callable[[], None]) -> None:
         """Leave the files of a record just appended where they are (call with :attr:`lock`
@@ -221,7 +230,7 @@ class Journal:
             place()
             self.unplaced.pop(key, None)
 
-    def queue_removal(self, targets: list[Path]) -> None:
+    def queue_removal(self, targets: Sequence[str | Path]) -> None:
         """:meth:`append_removal` for files that were never placed (a deferred record's, whose
         key the caller has just taken out of :attr:`unplaced`), written with the next append
         or checkpoint instead of now: call with :attr:`place_lock` held (not :attr:`lock`:
@@ -260,7 +269,7 @@ class Journal:
             except (JournalFull, OSError):
                 pass  # only a crash's duplicates depend on them: the checkpoint covers the rest
 
-    def _name(self, target: Path) -> str:
+    def _name(self, target: str | Path) -> str:
         # The targets are made from the same data directory as ``root``: cutting its prefix off
         # gives what os.path.relpath gives, at a tenth of its cost (it runs for every file of
         # every record, four per relayed message); anything else takes relpath.
@@ -269,7 +278,7 @@ class Journal:
             return name[len(self._prefix):]
         return os.path.relpath(target, self.root)
 
-    def _write(self, recs: list[tuple[list[str], bytes | list[bytes]]], targets: list[Path], *, sync: bool,
+    def _write(self, recs: list[tuple[list[str], bytes | list[bytes]]], targets: list[str], *, sync: bool,
                then: list[FileOp] | None = None, jobs: int = 0) -> list[int]:
         """Append one record per (target names, content) at the end, ``fdatasync`` if ``sync``;
         the queued removal records go first. A content may come in pieces (written one after
@@ -307,9 +316,8 @@ class Journal:
             errors = run_ops(then or [], jobs)
         if self._since is None:
             self._since = time.monotonic()
-        for t in targets:
+        for name in targets:
             # The directory as a string: a Path's parent and hash are Python code, run per message.
-            name = os.fspath(t)
             self._dirs.add(name[:name.rfind("/") + 1] or ".")
         return errors
 

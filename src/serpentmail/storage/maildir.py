@@ -51,7 +51,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -68,6 +68,7 @@ from .journal import (
     FileOp,
     Journal,
     JournalFull,
+    as_strs,
 )
 
 log = logging.getLogger(__name__)
@@ -119,25 +120,28 @@ class SpoolFile:
     one copy of the message fewer per delivery, and for the committer thread one less trip
     back into the interpreter's lock. Released once the record is made or the file is closed."""
 
-    __slots__ = ("closed", "fd", "kept", "name", "path", "size", "stale")
+    __slots__ = ("closed", "fd", "kept", "name", "size", "spath", "stale")
 
-    def __init__(self, tmp_dir: Path, *, reuse: str | None = None, made: int = -1) -> None:
+    def __init__(self, tmp_dir: str | Path, *, reuse: str | None = None, made: int = -1) -> None:
         """A new file in ``tmp_dir``; with ``reuse``, the existing file of that name (opened
         here, or already open as ``made``: just created, by :meth:`SpoolPool.make`)."""
+        # The path is kept as a string (spath; path makes a Path of it): a Path is made and
+        # read by Python code, which mypyc does not compile, and a pool makes one per message.
+        folder = tmp_dir if isinstance(tmp_dir, str) else os.fspath(tmp_dir)
         if reuse is None:
             self.name = unique_name()  # the message's id and Maildir unique name
-            self.path = tmp_dir / self.name
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            self.spath = f"{folder}/{self.name}"
+            self.fd = os.open(self.spath, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             self.stale = 0  # octets of an earlier use still in the file past what was written
         elif made >= 0:
             self.name = reuse
-            self.path = tmp_dir / reuse
+            self.spath = f"{folder}/{reuse}"
             self.fd = made
             self.stale = 0
         else:
             self.name = reuse
-            self.path = tmp_dir / reuse
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            self.spath = f"{folder}/{reuse}"
+            self.fd = os.open(self.spath, os.O_RDWR | os.O_CLOEXEC)
             try:
                 self.stale = os.fstat(self.fd).st_size
             except BaseException:
@@ -146,6 +150,11 @@ class SpoolFile:
         self.size = 0
         self.closed = False
         self.kept: list[bytes] | None = []
+
+    @property
+    def path(self) -> Path:
+        """The file's temp path (as first made: :attr:`name` changes when a pool hands it out)."""
+        return Path(self.spath)
 
     @classmethod
     def reuse(cls, path: Path) -> SpoolFile:
@@ -180,7 +189,7 @@ class SpoolFile:
             self.closed = True
             os.close(self.fd)
         try:
-            os.unlink(self.path)
+            os.unlink(self.spath)
         except FileNotFoundError:
             pass
 
@@ -190,7 +199,8 @@ class CommitJob:
     """Make a spool file durable and visible under one or more final names."""
 
     spool: SpoolFile
-    links: list[Path]  # final paths (e.g. <maildir>/new/<unique>,S=<size>)
+    links: list[str]  # final paths (e.g. <maildir>/new/<unique>,S=<size>), as strings:
+    # made per message, and a Path is made and read by Python code, not compiled
     on_done: Callable[[BaseException | None], None]
     keep_spool: bool = False  # True: the temp file itself is the final file (renamed, not linked)
     journal: bool = False  # may go through the committer's journal
@@ -200,10 +210,11 @@ class CommitJob:
 
     # Its own __init__ (as CallJob's and journal.Entry's): mypyc compiles it to C, while the
     # one @dataclass generates stays a Python function, run once per message.
-    def __init__(self, spool: SpoolFile, links: list[Path], on_done: Callable[[BaseException | None], None], *,
+    def __init__(self, spool: SpoolFile, links: Sequence[str | os.PathLike[str]],
+                 on_done: Callable[[BaseException | None], None], *,
                  keep_spool: bool = False, journal: bool = False, place: bool = True) -> None:
         self.spool = spool
-        self.links = links
+        self.links = as_strs(links)
         self.on_done = on_done
         self.keep_spool = keep_spool
         self.journal = journal
@@ -257,7 +268,7 @@ class Committer:
         """Nothing is waiting for the committer threads (a batch may still be syncing)."""
         return self._q.empty()
 
-    def commit_now(self, spool: SpoolFile, links: list[Path], *, keep_spool: bool = False,
+    def commit_now(self, spool: SpoolFile, links: Sequence[str | os.PathLike[str]], *, keep_spool: bool = False,
                    journal: bool = False) -> None:
         """Run the recipe for one file on the calling thread; raise on failure.
 
@@ -396,7 +407,7 @@ class Committer:
 
     def _commit_recipe(self, batch: list[CommitJob], *, wake: bool = True) -> None:
         errors: dict[int, BaseException] = {}
-        dirs: dict[Path, None] = {}
+        dirs: dict[str, None] = {}
         for i, job in enumerate(batch):
             spool = job.spool
             spool.kept = None  # the recipe needs the file only
@@ -405,7 +416,7 @@ class Committer:
                 os.fsync(spool.fd)
                 _put_in_place(job)
                 for target in job.links:
-                    dirs[target.parent] = None
+                    dirs[os.path.dirname(target) or "."] = None
             except BaseException as exc:  # reported to the session as 451, detail logged there
                 errors[i] = exc
                 _cleanup_failed(job)
@@ -419,7 +430,7 @@ class Committer:
             err = errors.get(i) or dir_error
             if not job.keep_spool and i not in errors:
                 try:
-                    os.unlink(job.spool.path)
+                    os.unlink(job.spool.spath)
                 except OSError:
                     pass  # a leftover temp file is harmless and cleaned at start
             job.done = True
@@ -451,11 +462,11 @@ def _defer(journal: Journal, job: CommitJob) -> BaseException | None:
     except OSError as exc:  # reported to the session as 451, detail logged there
         _cleanup_failed(job)
         return exc
-    journal.defer(job.spool, functools.partial(_link_in_place, job.spool.path, job.links))
+    journal.defer(job.spool, functools.partial(_link_in_place, job.spool.spath, job.links))
     return None
 
 
-def _link_in_place(path: Path, targets: list[Path]) -> None:
+def _link_in_place(path: str, targets: list[str]) -> None:
     """A deferred job's final names: hard links, so that its temp name, which readers were
     given, stays valid until its owner lets it go."""
     for target in targets:
@@ -475,9 +486,9 @@ def _put_in_place(job: CommitJob) -> None:
     spool.closed = True
     for target in job.links:
         if job.keep_spool:
-            os.replace(spool.path, target)
+            os.replace(spool.spath, target)
         else:
-            os.link(spool.path, target)
+            os.link(spool.spath, target)
 
 
 def _placing(jobs: list[CommitJob]) -> list[FileOp]:
@@ -490,10 +501,11 @@ def _placing(jobs: list[CommitJob]) -> list[FileOp]:
         if not job.place:
             continue
         spool = job.spool
-        source = os.fsencode(spool.path)
+        # (str.encode as os.fsencode does on POSIX: os.fsencode is Python code, not compiled)
+        source = spool.spath.encode("utf-8", "surrogateescape")
         ops.append((OP_CLOSE, k, spool.fd, b""))
         for target in job.links:
-            ops.append((OP_RENAME if job.keep_spool else OP_LINK, k, source, os.fsencode(target)))
+            ops.append((OP_RENAME if job.keep_spool else OP_LINK, k, source, target.encode("utf-8", "surrogateescape")))
         if not job.keep_spool:
             ops.append((OP_UNLINK, k, source, b""))
     return ops
@@ -508,7 +520,7 @@ def _placed(job: CommitJob, err: int) -> BaseException | None:
     if not err:
         return None
     _cleanup_failed(job)
-    return OSError(err, os.strerror(err), str(spool.path))
+    return OSError(err, os.strerror(err), spool.spath)
 
 
 class _LoopWaker:
@@ -582,7 +594,7 @@ def _cleanup_failed(job: CommitJob) -> None:
         except OSError:
             pass
     try:
-        os.unlink(spool.path)
+        os.unlink(spool.spath)
     except OSError:
         pass
 
@@ -635,7 +647,7 @@ def deliver_bytes(data_dir: Path, maildirs: list[Path], content: bytes) -> list[
         spool.discard()
 
 
-async def commit_async(committer: Committer, spool: SpoolFile, links: list[Path], *, keep_spool: bool = False,
+async def commit_async(committer: Committer, spool: SpoolFile, links: Sequence[str | os.PathLike[str]], *, keep_spool: bool = False,
                        journal: bool = False) -> int | None:
     """Run the durable recipe for ``spool`` in ``committer`` and wait for it; raise on failure.
     Returns the journal epoch the job was appended in (None: it took the recipe).
@@ -646,7 +658,7 @@ async def commit_async(committer: Committer, spool: SpoolFile, links: list[Path]
     return epoch
 
 
-async def commit_all_async(committer: Committer, jobs: list[tuple[SpoolFile, list[Path]]], *,
+async def commit_all_async(committer: Committer, jobs: Sequence[tuple[SpoolFile, Sequence[str | os.PathLike[str]]]], *,
                            keep_spool: bool = False, journal: bool = False, place: bool = True) -> list[int | None]:
     """:func:`commit_async` for several files at once (a queue item's data file and its
     envelope): one future for all of them instead of a task per file and a gather. Returns once
@@ -704,7 +716,7 @@ def call_then(committer: Committer, fn: Callable[[], Any], callback: Callable[[A
     committer.call(CallJob(fn, done))
 
 
-def commit_then(committer: Committer, spool: SpoolFile, links: list[Path],
+def commit_then(committer: Committer, spool: SpoolFile, links: Sequence[str | os.PathLike[str]],
                 callback: Callable[[BaseException | None], None], *, keep_spool: bool = False,
                 journal: bool = False) -> CommitJob:
     """Run the durable recipe for ``spool`` in ``committer``; ``callback(error or None)`` runs
@@ -857,6 +869,7 @@ class SpoolPool:
 
     def __init__(self, tmp_dir: Path, size: int = 32, recycler: Recycler | None = None) -> None:
         self.tmp_dir = tmp_dir
+        self._tmp = os.fspath(tmp_dir)  # for SpoolFile, as a string
         self.recycler = recycler
         self.size = size
         self._spares: collections.deque[SpoolFile] = collections.deque()
@@ -880,7 +893,7 @@ class SpoolPool:
 
             self._refilling = True
             asyncio.get_running_loop().create_task(self._refill())
-        return spool if spool is not None else SpoolFile(self.tmp_dir)
+        return spool if spool is not None else SpoolFile(self._tmp)
 
     async def _refill(self) -> None:
         import asyncio
@@ -920,13 +933,13 @@ class SpoolPool:
                         with contextlib.suppress(OSError):
                             os.unlink(old)
                 if _create_files is None:
-                    out.append(SpoolFile(self.tmp_dir))
+                    out.append(SpoolFile(self._tmp))
                 else:
                     fresh += 1
             if fresh and _create_files is not None:
                 names = [unique_name() for _ in range(fresh)]
                 fds = _create_files(os.fsencode(self.tmp_dir), [os.fsencode(name) for name in names])
-                out += [SpoolFile(self.tmp_dir, reuse=name, made=fd) for name, fd in zip(names, fds, strict=True) if fd >= 0]
+                out += [SpoolFile(self._tmp, reuse=name, made=fd) for name, fd in zip(names, fds, strict=True) if fd >= 0]
                 if not out:
                     raise OSError(-fds[0], f"cannot create a spool file in {self.tmp_dir}: {os.strerror(-fds[0])}")
         except OSError:
