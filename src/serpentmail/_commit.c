@@ -21,6 +21,9 @@
  *
  * create_files(directory, names) -> list: the spool pool's refill, the same way (below).
  *
+ * gather(buffer, pieces, block) -> int: the journal's record copied into its direct-write
+ * buffer (below).
+ *
  * The module is optional, like serpentmail._scan: without it storage/journal.py and
  * storage/maildir.py make the same calls from Python.
  */
@@ -264,12 +267,76 @@ done:
     return result;
 }
 
+/* gather(buffer, pieces, block) -> length
+ *
+ * Copies the bytes-like ``pieces`` one after the other into the writable ``buffer`` from its
+ * start, then zeros up to the next multiple of ``block`` (a direct write covers whole
+ * blocks). Returns the length copied, before the zeros; ValueError (nothing copied) if they
+ * do not fit. For Journal._append_direct (storage/journal.py): the same copy in Python is a
+ * memoryview, two slices and an item assignment per piece, run on every message. */
+static PyObject *
+gather(PyObject *self, PyObject *args)
+{
+    PyObject *buffer_arg, *pieces_arg;
+    Py_ssize_t block;
+    if (!PyArg_ParseTuple(args, "OOn:gather", &buffer_arg, &pieces_arg, &block))
+        return NULL;
+    if (block <= 0) {
+        PyErr_SetString(PyExc_ValueError, "gather: block must be positive");
+        return NULL;
+    }
+    PyObject *pieces = PySequence_Fast(pieces_arg, "gather: pieces must be a sequence");
+    if (pieces == NULL)
+        return NULL;
+    Py_buffer out;
+    if (PyObject_GetBuffer(buffer_arg, &out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        Py_DECREF(pieces);
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(pieces);
+    PyObject **items = PySequence_Fast_ITEMS(pieces);
+    Py_buffer *views = PyMem_Calloc((size_t)(n > 0 ? n : 1), sizeof(Py_buffer));
+    Py_ssize_t got = 0, total = 0;
+    PyObject *result = NULL;
+    if (views == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; got < n; got++) {
+        if (PyObject_GetBuffer(items[got], &views[got], PyBUF_C_CONTIGUOUS) < 0)
+            goto done;
+        total += views[got].len;
+    }
+    Py_ssize_t padded = total % block ? total + (block - total % block) : total;
+    if (padded > out.len) {
+        PyErr_Format(PyExc_ValueError, "gather: %zd octets do not fit in a buffer of %zd", padded, out.len);
+        goto done;
+    }
+    char *dst = (char *)out.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        memcpy(dst, views[i].buf, (size_t)views[i].len);
+        dst += views[i].len;
+    }
+    memset(dst, 0, (size_t)(padded - total));
+    result = PyLong_FromSsize_t(total);
+done:
+    for (Py_ssize_t i = 0; i < got; i++)
+        PyBuffer_Release(&views[i]);
+    PyMem_Free(views);
+    PyBuffer_Release(&out);
+    Py_DECREF(pieces);
+    return result;
+}
+
 static PyMethodDef commit_methods[] = {
 #if defined(__linux__)
     {"write_then", write_then, METH_VARARGS,
      "write_then(fd, buffer, length, offset, flags, ops, jobs, /)\n--\n\n"
      "pwritev2 of buffer[:length], then the file operations ops if it was whole; see _commit.c."},
 #endif
+    {"gather", gather, METH_VARARGS,
+     "gather(buffer, pieces, block, /)\n--\n\n"
+     "Copy pieces into buffer from its start, zeros to a multiple of block; the length copied. See _commit.c."},
     {"create_files", create_files, METH_VARARGS,
      "create_files(directory, names, /)\n--\n\n"
      "Create each name in directory (O_EXCL, mode 0600); its descriptor or -errno; see _commit.c."},

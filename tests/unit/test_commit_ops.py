@@ -17,10 +17,11 @@ from serpentmail.storage.journal import OP_CLOSE, OP_LINK, OP_RENAME, OP_UNLINK,
 
 write_then: Callable[..., tuple[int, list[int]]] | None
 create_files: Callable[..., list[int]] | None
+gather: Callable[..., int] | None
 try:
-    from serpentmail._commit import create_files, write_then
+    from serpentmail._commit import create_files, gather, write_then
 except ImportError:  # an editable install builds no C module
-    write_then = create_files = None
+    write_then = create_files = gather = None
 
 needs_c = pytest.mark.skipif(write_then is None, reason="serpentmail._commit is not built (editable install)")
 
@@ -126,7 +127,30 @@ def test_write_then_refuses_bad_arguments_before_writing(tmp_path: Path) -> None
 def test_the_compiled_build_appends_with_write_then_and_refills_with_create_files() -> None:
     assert write_then is not None and create_files is not None
     assert jmod._write_then is write_then
+    assert jmod._gather is gather
     assert maildir._create_files is create_files
+
+
+@needs_c
+def test_gather_copies_the_pieces_in_order_and_zeros_to_the_block() -> None:
+    assert gather is not None
+    buf = mmap.mmap(-1, 8192)
+    buf[:] = b"\xff" * 8192  # stale bytes of an earlier record
+    pieces = [b"tail-", b"", bytearray(b"head"), memoryview(b"-meta-data")]
+    n = gather(buf, pieces, 4096)
+    assert n == 19
+    assert buf[:n] == b"tail-head-meta-data"
+    assert buf[n:4096] == bytes(4096 - n)  # zeros to the block boundary: a scan stops there
+    assert buf[4096:] == b"\xff" * 4096  # nothing past it
+    assert gather(buf, [b"x" * 4096], 4096) == 4096 and buf[4096:4097] == b"\xff"  # a whole block: no zeros
+    buf[:] = b"\xff" * 8192
+    with pytest.raises(ValueError):
+        gather(buf, [b"x" * 5000, b"y" * 4000], 4096)  # 12 KiB padded: does not fit
+    assert buf[:] == b"\xff" * 8192  # nothing copied
+    with pytest.raises(TypeError):
+        gather(buf, [b"ok", "text"], 4096)
+    with pytest.raises(BufferError):
+        gather(b"read-only", [b"x"], 4096)
 
 
 @needs_c

@@ -70,6 +70,11 @@ try:  # the append and the operations in one call (src/serpentmail/_commit.c), w
     from .._commit import write_then as _write_then
 except ImportError:
     _write_then = None
+_gather: Callable[[mmap.mmap, list[bytes], int], int] | None
+try:  # a record copied into the direct-write buffer in one call (same module)
+    from .._commit import gather as _gather
+except ImportError:
+    _gather = None
 
 log = logging.getLogger(__name__)
 
@@ -357,23 +362,29 @@ class Journal:
         offset, pos = first, 0
         errors: list[int] | None = None  # set when the operations ran with the last write
         try:
-            for piece in (tail, *bufs):
-                view = memoryview(piece)
-                while view:
-                    k = min(len(view), DIRECT_BUFFER - pos)
-                    buf[pos:pos + k] = view[:k]
-                    pos += k
-                    view = view[k:]
-                    if pos == DIRECT_BUFFER:
-                        _pwrite_direct(self.wfd, buf, pos, offset, 0)
-                        offset += pos
-                        pos = 0
+            padded = False  # the zeros to the block boundary are in the buffer already
+            if whole and _gather is not None:
+                pos = _gather(buf, [tail, *bufs], BLOCK)  # (the one-write case: nearly every record)
+                padded = True
+            else:
+                for piece in (tail, *bufs):
+                    view = memoryview(piece)
+                    while view:
+                        k = min(len(view), DIRECT_BUFFER - pos)
+                        buf[pos:pos + k] = view[:k]
+                        pos += k
+                        view = view[k:]
+                        if pos == DIRECT_BUFFER:
+                            _pwrite_direct(self.wfd, buf, pos, offset, 0)
+                            offset += pos
+                            pos = 0
             keep = length % BLOCK
             new_tail = bytes(buf[pos - keep:pos])
             synced = False
             if pos:
                 pad = -pos % BLOCK
-                buf[pos:pos + pad] = bytes(pad)
+                if not padded:
+                    buf[pos:pos + pad] = bytes(pad)
                 if then and flags and _write_then is not None:
                     n, errors = _write_then(self.wfd, buf, pos + pad, offset, flags, then, jobs)
                     if n < 0:
