@@ -47,10 +47,11 @@ def test_spares_are_made_in_a_thread_and_named_when_taken(tmp_path: Path, monkey
         s.discard()
     left = len(list(spare_dir.iterdir()))
     assert left == len(pool) > 0
+    filler = pool._filler  # the pool's refill thread
+    assert filler is not None and filler.is_alive() and filler.name == "spool-pool"
     pool.close()
     assert list(spare_dir.iterdir()) == []
-    # the refill thread ended with the pool (a server's stop leaves no thread behind)
-    assert not any(t.name == "spool-pool" and t.is_alive() for t in threading.enumerate())
+    assert not filler.is_alive()  # it ended with the pool: a server's stop leaves no thread behind
 
 
 def test_a_spool_given_back_is_written_over_and_keeps_only_its_new_pieces(tmp_path: Path) -> None:
