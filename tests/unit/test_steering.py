@@ -5,7 +5,7 @@ neither an error nor retried."""
 
 from __future__ import annotations
 
-import select
+import selectors
 import socket
 from collections.abc import Iterator
 
@@ -37,17 +37,22 @@ def group() -> Iterator[tuple[list[socket.socket], int]]:
 def connect_many(socks: list[socket.socket], port: int, n: int) -> list[int]:
     """Open ``n`` connections one after the other; how many each socket accepted."""
     counts = [0] * len(socks)
-    for _ in range(n):
-        with socket.create_connection((HOST, port), timeout=5):
-            ready, _, _ = select.select(socks, [], [], 5)
-            assert ready, "the connection was accepted by no socket"
-            for s in ready:
-                try:
-                    conn, _ = s.accept()
-                except BlockingIOError:
-                    continue
-                conn.close()
-                counts[socks.index(s)] += 1
+    # A selector, not select.select: that refuses descriptors past 1023, and a whole test run
+    # in one process may have that many open by the time this runs.
+    with selectors.DefaultSelector() as sel:
+        for i, s in enumerate(socks):
+            sel.register(s, selectors.EVENT_READ, i)
+        for _ in range(n):
+            with socket.create_connection((HOST, port), timeout=5):
+                ready = sel.select(5)
+                assert ready, "the connection was accepted by no socket"
+                for key, _ in ready:
+                    try:
+                        conn, _ = socks[key.data].accept()
+                    except BlockingIOError:
+                        continue
+                    conn.close()
+                    counts[key.data] += 1
     return counts
 
 
