@@ -97,3 +97,32 @@ def test_a_refill_that_can_make_no_file_says_why(tmp_path: Path) -> None:
     pool = SpoolPool(tmp_path / "missing", 4)
     with pytest.raises(FileNotFoundError):
         pool.make(4)
+
+
+def test_a_pool_refills_in_a_forked_child_too(tmp_path: Path) -> None:
+    """A worker process is forked: a pool whose refill thread was started before the fork
+    starts its own in the child (the parent's thread does not come along)."""
+    import os
+
+    pool = SpoolPool(tmp_path, 4)
+    pool.take().discard()  # empty: made inline, and the refill thread starts here
+    deadline = time.monotonic() + 5
+    while len(pool) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(pool) >= 2
+    pid = os.fork()
+    if pid == 0:  # the child: take until a refill is needed, then wait for it
+        ok = False
+        try:
+            while len(pool):
+                pool.take().discard()
+            pool.take().discard()
+            deadline = time.monotonic() + 5
+            while not len(pool) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            ok = len(pool) > 0
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    pool.close()
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -879,6 +879,7 @@ class SpoolPool:
         self._lock = threading.Lock()
         self._requests: queue.SimpleQueue[int | None] | None = None  # to the refill thread
         self._filler: threading.Thread | None = None
+        self._owner = 0  # the process that started it (a forked child starts its own)
 
     def __len__(self) -> int:
         return len(self._spares)
@@ -900,8 +901,9 @@ class SpoolPool:
         loop's executor: asyncio.to_thread and the executor's futures are Python code, not
         compiled, about 1% of a message's CPU at one session with a refill every 16 files."""
         requests = self._requests
-        if requests is None:
+        if requests is None or self._owner != os.getpid():  # none yet, or started before a fork
             requests = self._requests = queue.SimpleQueue()
+            self._owner = os.getpid()
             self._filler = threading.Thread(target=self._filling, args=(requests,), name="spool-pool", daemon=True)
             self._filler.start()
         requests.put(self._generation)
