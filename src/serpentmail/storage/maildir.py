@@ -120,7 +120,7 @@ class SpoolFile:
     one copy of the message fewer per delivery, and for the committer thread one less trip
     back into the interpreter's lock. Released once the record is made or the file is closed."""
 
-    __slots__ = ("closed", "fd", "kept", "name", "size", "spath", "stale")
+    __slots__ = ("_path", "closed", "fd", "kept", "name", "size", "spath", "stale")
 
     def __init__(self, tmp_dir: str | Path, *, reuse: str | None = None, made: int = -1) -> None:
         """A new file in ``tmp_dir``; with ``reuse``, the existing file of that name (opened
@@ -128,6 +128,7 @@ class SpoolFile:
         # The path is kept as a string (spath; path makes a Path of it): a Path is made and
         # read by Python code, which mypyc does not compile, and a pool makes one per message.
         folder = tmp_dir if isinstance(tmp_dir, str) else os.fspath(tmp_dir)
+        self._path: Path | None = None
         if reuse is None:
             self.name = unique_name()  # the message's id and Maildir unique name
             self.spath = f"{folder}/{self.name}"
@@ -153,8 +154,12 @@ class SpoolFile:
 
     @property
     def path(self) -> Path:
-        """The file's temp path (as first made: :attr:`name` changes when a pool hands it out)."""
-        return Path(self.spath)
+        """The file's temp path (as first made: :attr:`name` changes when a pool hands it out),
+        made at the first use: a queue item's spools are opened and placed by it."""
+        path = self._path
+        if path is None:
+            path = self._path = Path(self.spath)
+        return path
 
     @classmethod
     def reuse(cls, path: Path) -> SpoolFile:
