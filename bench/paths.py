@@ -16,8 +16,8 @@ load at one session (smtp-source, one 4 KiB message per connection) and prints t
   modules, but a call into the standard library's Python code (pathlib, os.fsencode,
   logging, asyncio's executor machinery) runs in the interpreter; this finds such calls on
   the message path. Session 24 found Paths made per message, ``os.fsencode``, the logging
-  handler's lock and flush methods and ``asyncio.to_thread`` this way (7.8% of the
-  samples, then 2.5%).
+  handler's lock and flush methods and ``asyncio.to_thread`` this way (5.3% of the
+  samples before, 0.8% after: bench/profiles/inbound-1session-paths.txt).
 
     python3 -m bench.paths                    # 1,000 messages, both tables
     python3 -m bench.paths --build /tmp/b     # a build made earlier (bench.common.build_package)

@@ -67,10 +67,7 @@ class _Direct:
         handler = self.handler
         created = time.time()
         lock = handler.lock
-        if lock is None:  # (a handler always has one once made; never here)
-            handler.createLock()
-            lock = handler.lock
-            assert lock is not None
+        assert lock is not None  # made by Handler.__init__
         with lock:
             try:
                 stream = handler.stream

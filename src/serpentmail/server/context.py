@@ -117,7 +117,7 @@ class ServerContext:
     throttle: AuthThrottle | None = None
     on_local_delivery: Callable[[list[str]], None] | None = None  # the new files' paths
     sessions: set[Any] = field(default_factory=set)
-    # The one timer that checks every session's idle time (server/session.py IdleSweep),
+    # The one timer that checks every session's idle time (server/session.py, _sweep_idle),
     # while there are sessions.
     idle_sweep: asyncio.TimerHandle | None = None
     sent_per_user: dict[int, list[float]] = field(default_factory=dict)

@@ -213,7 +213,8 @@ class Journal:
         finishes the removal instead of writing the files again; an operating-system crash
         may lose it together with the removal, and the replay then restores the files (the
         work is done twice, nothing is lost). Raises :class:`JournalFull` or OSError."""
-        self._write([([REMOVED + self._name(t) for t in targets], b"")], [os.fspath(t) for t in targets], sync=False)
+        paths = [os.fspath(t) for t in targets]
+        self._write([([REMOVED + self._name(t) for t in paths], b"")], paths, sync=False)
 
     def defer(self, key: object, place: Callable[[], None]) -> None:
         """Leave the files of a record just appended where they are (call with :attr:`lock`
